@@ -1,0 +1,963 @@
+/*
+ * loadgen.c - minimal WebSocket load generator for bench/run.py.
+ *
+ * Why C: 1,000 Python subscribers cannot absorb >100k frames/s, and the
+ * client must spend less CPU per delivery than the server it measures, or
+ * the benchmark measures the client.  So: one thread, one epoll set,
+ * non-blocking sockets, one shared read buffer, no allocations per frame.
+ *
+ * Build: gcc -O2 -o loadgen loadgen.c      (no extra libraries)
+ *
+ * One run = one scenario against one server.  The result is ONE line of
+ * JSON on stdout.  With --hold the process then keeps every socket open
+ * until stdin reaches EOF, so run.py can stop the server first: closing
+ * 1,000+ sockets first would make the naive server broadcast "left the
+ * chat" O(n^2) times, which is not what we want to wait for.
+ *
+ * Every frame a subscriber receives is scanned for the marker "BENCH:" +
+ * "<seq>:<send time in CLOCK_MONOTONIC ns>:".  Frames without it are
+ * ignored for delivery counting (welcome, echo, ...); frames containing the
+ * --presence string are counted as presence frames instead.  The same
+ * publisher frame therefore works on servers that wrap it in JSON and on
+ * servers that prefix it ("Client #pub says: BENCH:...").
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ */
+/* configuration                                                       */
+
+static struct {
+    const char *mode;      /* fanout | rate | slow | conns | join */
+    int port;
+    int server_pid;
+    const char *sub_path;  /* printf template, %d = subscriber index */
+    const char *pub_path;
+    const char *presence;  /* substring that marks a presence frame */
+    int subs, slow, concurrency, inflight, size;
+    double duration, rate, warmup, drain, tail, settle_max, connect_timeout;
+    int hold;
+    int batch_us;          /* sleep after each event batch (throughput mode) */
+} cfg = {
+    .mode = "fanout", .port = 8000, .server_pid = 0,
+    .sub_path = "/ws/%d", .pub_path = "/ws/pub", .presence = NULL,
+    .subs = 1000, .slow = 0, .concurrency = 200, .inflight = 10, .size = 0,
+    .duration = 10, .rate = 20, .warmup = 1, .drain = 5, .tail = 2,
+    .settle_max = 5, .connect_timeout = 120, .hold = 0,
+};
+
+/* ------------------------------------------------------------------ */
+/* time, cpu, rss                                                      */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static double self_cpu_us(void)
+{
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return r.ru_utime.tv_sec * 1e6 + r.ru_utime.tv_usec +
+           r.ru_stime.tv_sec * 1e6 + r.ru_stime.tv_usec;
+}
+
+/* utime+stime of the whole server process (all threads), in microseconds. */
+static double server_cpu_us(void)
+{
+    if (cfg.server_pid <= 0) return -1;
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", cfg.server_pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    /* the command name may contain spaces: fields restart after the last ')' */
+    char *p = strrchr(buf, ')');
+    if (!p) return -1;
+    unsigned long long ut = 0, st = 0;
+    /* after ')': state(3) ppid(4) ... minflt.. utime is field 14, stime 15 */
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
+               &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) * 1e6 / (double)sysconf(_SC_CLK_TCK);
+}
+
+static long server_rss_kb(void)
+{
+    if (cfg.server_pid <= 0) return -1;
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", cfg.server_pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    long kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, "VmRSS:", 6) == 0) { kb = strtol(line + 6, NULL, 10); break; }
+    fclose(f);
+    return kb;
+}
+
+/* ------------------------------------------------------------------ */
+/* connections                                                         */
+
+enum { K_SUB, K_PUB, K_SLOW };
+enum { S_IDLE, S_CONNECTING, S_HS, S_OPEN, S_CLOSED, S_FAILED };
+
+typedef struct {
+    int fd, kind, state, attempts;
+    int close_code;          /* -1: no close frame seen */
+    int eof;                 /* TCP EOF / reset seen */
+    int http_status;         /* handshake status when not 101 */
+    int slow_reading;        /* slow client switched to reading (final check) */
+    char *in; uint32_t in_len, in_cap;   /* leftover partial frame / handshake */
+    char *out; size_t out_len, out_off, out_cap;  /* unsent bytes */
+    uint64_t join_ns, closed_ns;
+    uint64_t frames, pres_frames, pres_bytes, delivered;
+} conn_t;
+
+static conn_t *conns;
+static int nconns;
+static int epfd;
+static struct sockaddr_in srv;
+
+/* shared read buffer: leftovers of a connection are copied to its front */
+static char *scratch;
+static size_t scratch_cap = 1 << 18;
+static size_t frame_need;   /* size of the incomplete frame process_frames stopped at */
+
+/* global counters */
+static struct {
+    int connected, failed, inflight_hs, next_to_connect, open_subs;
+    uint64_t last_join_ns, last_presence_ns;
+    uint64_t pres_frames, pres_bytes;
+    uint64_t deliveries;          /* all marker frames at subscribers */
+    int window;                   /* 1 while measuring */
+    uint64_t win_deliveries;
+    uint64_t *lat; size_t lat_n, lat_cap;
+    int closes_during_run;
+} g;
+
+/* publisher state */
+#define MAXSEQ (1u << 22)
+static struct {
+    conn_t *c;
+    int active;                   /* 0: do not send */
+    int closed_loop;
+    uint32_t sent, completed, timed_out, oldest;
+    uint32_t *count;              /* deliveries per seq */
+    uint32_t *target;             /* subscribers expected per seq */
+    uint64_t *sent_ns;
+    uint64_t next_ns, interval_ns, stop_ns;
+    uint32_t max_msgs;
+    uint64_t bytes_dropped_unsent;
+} pub;
+
+static void die(const char *msg) { perror(msg); exit(2); }
+
+static void ep_set(conn_t *c, uint32_t events, int op)
+{
+    struct epoll_event ev = { .events = events, .data.u32 = (uint32_t)(c - conns) };
+    if (epoll_ctl(epfd, op, c->fd, &ev) < 0 && op != EPOLL_CTL_DEL) die("epoll_ctl");
+}
+
+static void out_append(conn_t *c, const void *p, size_t n)
+{
+    if (c->out_off && c->out_off == c->out_len) c->out_off = c->out_len = 0;
+    if (c->out_len + n > c->out_cap) {
+        /* compact first, then grow */
+        if (c->out_off) {
+            memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+            c->out_len -= c->out_off; c->out_off = 0;
+        }
+        if (c->out_len + n > c->out_cap) {
+            size_t cap = c->out_cap ? c->out_cap : 512;
+            while (cap < c->out_len + n) cap *= 2;
+            c->out = realloc(c->out, cap);
+            if (!c->out) die("realloc");
+            c->out_cap = cap;
+        }
+    }
+    memcpy(c->out + c->out_len, p, n);
+    c->out_len += n;
+}
+
+static uint32_t xr = 2463534242u;
+static uint32_t xrand(void) { xr ^= xr << 13; xr ^= xr >> 17; xr ^= xr << 5; return xr; }
+
+/* Client frames must be masked (RFC 6455 5.3). */
+static void ws_frame(conn_t *c, int opcode, const char *p, size_t n)
+{
+    unsigned char h[14];
+    size_t hl = 0;
+    h[hl++] = 0x80 | (unsigned char)opcode;
+    if (n < 126) h[hl++] = 0x80 | (unsigned char)n;
+    else if (n < 65536) { h[hl++] = 0x80 | 126; h[hl++] = n >> 8; h[hl++] = n & 0xff; }
+    else {
+        h[hl++] = 0x80 | 127;
+        for (int i = 7; i >= 0; i--) h[hl++] = (unsigned char)(((uint64_t)n >> (8 * i)) & 0xff);
+    }
+    uint32_t key = xrand();
+    unsigned char k[4] = { key >> 24, key >> 16, key >> 8, key };
+    memcpy(h + hl, k, 4); hl += 4;
+    out_append(c, h, hl);
+    size_t base = c->out_len;
+    out_append(c, p, n);
+    unsigned char *q = (unsigned char *)c->out + base;
+    for (size_t i = 0; i < n; i++) q[i] ^= k[i & 3];
+}
+
+static void conn_close(conn_t *c, uint64_t t)
+{
+    if (c->state == S_CLOSED || c->state == S_FAILED) return;
+    if (c->state == S_OPEN && c->kind == K_SUB) g.open_subs--;
+    if (c->state == S_OPEN && g.window) g.closes_during_run++;
+    epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    c->state = S_CLOSED;
+    c->closed_ns = t;
+}
+
+/* try to write pending output; returns 0, or -1 if the connection died */
+static int flush_out(conn_t *c, uint64_t t)
+{
+    while (c->out_off < c->out_len) {
+        ssize_t w = write(c->fd, c->out + c->out_off, c->out_len - c->out_off);
+        if (w > 0) { c->out_off += (size_t)w; continue; }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        c->eof = 1;
+        conn_close(c, t);
+        return -1;
+    }
+    int pending = c->out_off < c->out_len;
+    if (c->state == S_OPEN || c->state == S_HS) {
+        uint32_t ev = (c->state == S_OPEN && c->kind == K_SLOW && !c->slow_reading)
+                          ? EPOLLRDHUP : EPOLLIN | EPOLLRDHUP;
+        if (pending) ev |= EPOLLOUT;
+        ep_set(c, ev, EPOLL_CTL_MOD);
+    }
+    if (!pending) c->out_off = c->out_len = 0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* connecting                                                          */
+
+static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static void start_connect(conn_t *c)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) die("socket");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (c->kind == K_SLOW) {
+        /* must be set before connect so the advertised window stays tiny */
+        int rb = 4096;
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rb, sizeof rb);
+    }
+    c->fd = fd;
+    c->attempts++;
+    c->state = S_CONNECTING;
+    c->in_len = 0; c->out_len = c->out_off = 0;
+    if (connect(fd, (struct sockaddr *)&srv, sizeof srv) < 0 && errno != EINPROGRESS) {
+        close(fd); c->fd = -1; c->state = S_FAILED; g.failed++;
+        return;
+    }
+    /* request: the Sec-WebSocket-Key only needs to be 16 base64'd bytes */
+    unsigned char key[16]; char k64[25];
+    for (int i = 0; i < 16; i++) key[i] = xrand() & 0xff;
+    int j = 0;
+    for (int i = 0; i < 15; i += 3) {
+        uint32_t v = key[i] << 16 | key[i + 1] << 8 | key[i + 2];
+        k64[j++] = b64[v >> 18]; k64[j++] = b64[(v >> 12) & 63];
+        k64[j++] = b64[(v >> 6) & 63]; k64[j++] = b64[v & 63];
+    }
+    k64[j++] = b64[key[15] >> 2]; k64[j++] = b64[(key[15] & 3) << 4];
+    k64[j++] = '='; k64[j++] = '='; k64[j] = 0;
+    char path[512], req[1024];
+    if (c->kind == K_PUB) snprintf(path, sizeof path, "%s", cfg.pub_path);
+    else snprintf(path, sizeof path, cfg.sub_path, (int)(c - conns));
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n", path, cfg.port, k64);
+    out_append(c, req, (size_t)n);
+    ep_set(c, EPOLLOUT | EPOLLIN, EPOLL_CTL_ADD);
+    g.inflight_hs++;
+}
+
+static void hs_failed(conn_t *c, uint64_t t)
+{
+    g.inflight_hs--;
+    epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd); c->fd = -1;
+    /* transient refusals (backlog overrun) get a few retries */
+    if (c->http_status == 0 && c->attempts < 3) { c->state = S_IDLE; start_connect(c); return; }
+    c->state = S_FAILED; g.failed++;
+    (void)t;
+}
+
+static void process_frames(conn_t *c, char *buf, size_t len, size_t *consumed, uint64_t t);
+
+static void save_leftover(conn_t *c, const char *p, size_t n)
+{
+    if (n > c->in_cap) {
+        size_t cap = c->in_cap ? c->in_cap : 256;
+        while (cap < n) cap *= 2;
+        c->in = realloc(c->in, cap);
+        if (!c->in) die("realloc");
+        c->in_cap = (uint32_t)cap;
+    }
+    memcpy(c->in, p, n);
+    c->in_len = (uint32_t)n;
+}
+
+static void on_handshake_readable(conn_t *c, uint64_t t)
+{
+    char buf[8192];
+    memcpy(buf, c->in, c->in_len);
+    size_t have = c->in_len;
+    ssize_t r = read(c->fd, buf + have, sizeof buf - have - 1);
+    if (r <= 0) {
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        hs_failed(c, t);
+        return;
+    }
+    have += (size_t)r;
+    buf[have] = 0;
+    char *end = memmem(buf, have, "\r\n\r\n", 4);
+    if (!end) {
+        if (have >= sizeof buf - 1) { c->http_status = -1; hs_failed(c, t); return; }
+        save_leftover(c, buf, have);
+        return;
+    }
+    int status = 0;
+    sscanf(buf, "HTTP/1.%*d %d", &status);
+    if (status != 101) { c->http_status = status ? status : -1; hs_failed(c, t); return; }
+    g.inflight_hs--;
+    g.connected++;
+    c->state = S_OPEN;
+    c->join_ns = t;
+    g.last_join_ns = t;
+    if (c->kind == K_SUB) g.open_subs++;
+    c->in_len = 0;
+    /* slow clients stop reading here; only a hang-up is watched for */
+    ep_set(c, c->kind == K_SLOW ? EPOLLRDHUP : EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
+    /* frames that arrived with the 101 (e.g. a welcome) are processed now */
+    size_t rest = have - (size_t)(end + 4 - buf);
+    if (rest && c->kind != K_SLOW) {
+        size_t consumed = 0;
+        process_frames(c, end + 4, rest, &consumed, t);
+        if (c->state == S_OPEN) save_leftover(c, end + 4 + consumed, rest - consumed);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* frames                                                              */
+
+static void lat_push(uint64_t v)
+{
+    if (g.lat_n == g.lat_cap) {
+        if (g.lat_cap >= (1u << 25)) return; /* 32M samples is plenty */
+        g.lat_cap = g.lat_cap ? g.lat_cap * 2 : (1u << 20);
+        g.lat = realloc(g.lat, g.lat_cap * sizeof *g.lat);
+        if (!g.lat) die("realloc");
+    }
+    g.lat[g.lat_n++] = v;
+}
+
+static void seq_complete(uint32_t seq);
+
+static void on_data(conn_t *c, const char *p, size_t n, uint64_t t)
+{
+    c->frames++;
+    if (c->kind != K_SUB) return;       /* publisher: drained, not counted */
+    const char *m = memmem(p, n, "BENCH:", 6);
+    if (!m) {
+        if (cfg.presence && memmem(p, n, cfg.presence, strlen(cfg.presence))) {
+            c->pres_frames++; c->pres_bytes += n;
+            g.pres_frames++; g.pres_bytes += n;
+            g.last_presence_ns = t;
+        }
+        return;
+    }
+    /* parse "BENCH:<seq>:<ns>:" without trusting the rest of the frame */
+    const char *e = p + n;
+    m += 6;
+    uint64_t seq = 0, ts = 0;
+    while (m < e && *m >= '0' && *m <= '9') seq = seq * 10 + (uint64_t)(*m++ - '0');
+    if (m >= e || *m != ':') return;
+    m++;
+    while (m < e && *m >= '0' && *m <= '9') ts = ts * 10 + (uint64_t)(*m++ - '0');
+    c->delivered++;
+    g.deliveries++;
+    if (g.window) {
+        g.win_deliveries++;
+        lat_push(t > ts ? t - ts : 0);
+    }
+    if (pub.count && seq < pub.max_msgs) {
+        if (++pub.count[seq] == pub.target[seq]) seq_complete((uint32_t)seq);
+    }
+}
+
+static void on_control(conn_t *c, int op, const char *p, size_t n, uint64_t t)
+{
+    if (op == 0x9) {                 /* ping -> pong with the same payload */
+        ws_frame(c, 0xA, p, n);
+        flush_out(c, t);
+    } else if (op == 0x8) {          /* close: record the code, answer, hang up */
+        c->close_code = n >= 2 ? ((unsigned char)p[0] << 8 | (unsigned char)p[1]) : 1005;
+        ws_frame(c, 0x8, p, n >= 2 ? 2 : 0);
+        flush_out(c, t);
+        conn_close(c, t);
+    }
+    /* pong (0xA): nothing to do */
+}
+
+/* Parse as many complete frames as buf holds. */
+static void process_frames(conn_t *c, char *buf, size_t len, size_t *consumed, uint64_t t)
+{
+    size_t p = 0;
+    while (len - p >= 2 && c->state == S_OPEN) {
+        unsigned char b0 = (unsigned char)buf[p], b1 = (unsigned char)buf[p + 1];
+        int op = b0 & 0x0f;
+        int masked = b1 & 0x80;
+        uint64_t plen = b1 & 0x7f;
+        size_t hl = 2;
+        if (plen == 126) {
+            if (len - p < 4) break;
+            plen = (uint64_t)(unsigned char)buf[p + 2] << 8 | (unsigned char)buf[p + 3];
+            hl = 4;
+        } else if (plen == 127) {
+            if (len - p < 10) break;
+            plen = 0;
+            for (int i = 0; i < 8; i++) plen = plen << 8 | (unsigned char)buf[p + 2 + i];
+            hl = 10;
+        }
+        if (masked) hl += 4;
+        if (len - p < hl + plen) { frame_need = hl + (size_t)plen; break; }
+        char *pl = buf + p + hl;
+        if (masked) {  /* servers must not mask, but be lenient */
+            unsigned char *k = (unsigned char *)buf + p + hl - 4;
+            for (uint64_t i = 0; i < plen; i++) pl[i] ^= k[i & 3];
+        }
+        if (op >= 0x8) on_control(c, op, pl, (size_t)plen, t);
+        else on_data(c, pl, (size_t)plen, t);
+        p += hl + plen;
+    }
+    *consumed = p;
+}
+
+/* Read what the socket has.  A partial frame left from the previous read is
+   copied to the front of the shared buffer, so frames are always parsed
+   from one contiguous block. */
+static void on_readable(conn_t *c, uint64_t t)
+{
+    size_t need = 0;   /* length of the partial frame we hold, if known */
+    for (;;) {
+        size_t have = c->in_len;
+        size_t want = (need > have ? need : have) + 65536;
+        if (want > scratch_cap) {
+            while (want > scratch_cap) scratch_cap *= 2;
+            scratch = realloc(scratch, scratch_cap);
+            if (!scratch) die("realloc");
+        }
+        memcpy(scratch, c->in, have);
+        size_t room = scratch_cap - have;
+        ssize_t r = read(c->fd, scratch + have, room);
+        if (r == 0) { c->eof = 1; conn_close(c, t); return; }
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EINTR) return;
+            c->eof = 1; conn_close(c, t); return;
+        }
+        have += (size_t)r;
+        size_t consumed = 0;
+        frame_need = 0;
+        process_frames(c, scratch, have, &consumed, t);
+        if (c->state != S_OPEN) return;
+        need = frame_need;
+        save_leftover(c, scratch + consumed, have - consumed);
+        if ((size_t)r < room) return;   /* socket drained for now */
+    }
+}
+
+static void handle_event(conn_t *c, uint32_t ev, uint64_t t)
+{
+    switch (c->state) {
+    case S_CONNECTING:
+        if (ev & (EPOLLERR | EPOLLHUP)) { hs_failed(c, t); return; }
+        if (ev & EPOLLOUT) {
+            int err = 0; socklen_t sl = sizeof err;
+            getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &sl);
+            if (err) { hs_failed(c, t); return; }
+            c->state = S_HS;
+            if (flush_out(c, t) < 0) { g.inflight_hs--; if (c->state == S_CLOSED) { c->state = S_FAILED; g.failed++; } return; }
+        }
+        if (ev & EPOLLIN) on_handshake_readable(c, t);
+        return;
+    case S_HS:
+        if (ev & EPOLLOUT) flush_out(c, t);
+        if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) on_handshake_readable(c, t);
+        return;
+    case S_OPEN:
+        if (c->kind == K_SLOW && !c->slow_reading) {
+            /* not reading: a hang-up or reset means the server dropped us */
+            if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) { c->eof = 1; conn_close(c, t); }
+            return;
+        }
+        if (ev & EPOLLOUT) { if (flush_out(c, t) < 0) return; }
+        if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)) on_readable(c, t);
+        return;
+    default:
+        return;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* publisher                                                           */
+
+static void pub_send_one(uint64_t t)
+{
+    uint32_t seq = pub.sent;
+    char msg[64];
+    int n = snprintf(msg, sizeof msg, "BENCH:%u:%llu:", seq, (unsigned long long)t);
+    size_t len = cfg.size > n ? (size_t)cfg.size : (size_t)n;
+    static char *body; static size_t body_cap;
+    if (len > body_cap) {
+        body = realloc(body, len);
+        if (!body) die("realloc");
+        memset(body, 'x', len);   /* padding stays 'x' across calls */
+        body_cap = len;
+    }
+    memcpy(body, msg, (size_t)n);
+    pub.target[seq] = (uint32_t)g.open_subs;
+    pub.sent_ns[seq] = t;
+    pub.sent++;
+    ws_frame(pub.c, 0x1, body, len);
+    flush_out(pub.c, t);
+}
+
+static void seq_complete(uint32_t seq)
+{
+    (void)seq;
+    pub.completed++;
+    while (pub.oldest < pub.sent && pub.count[pub.oldest] >= pub.target[pub.oldest]) pub.oldest++;
+}
+
+/* Called after every batch of events. */
+static void pub_tick(uint64_t t)
+{
+    if (!pub.active || !pub.c || pub.c->state != S_OPEN) return;
+    if (t >= pub.stop_ns) { pub.active = 0; return; }
+    if (pub.closed_loop) {
+        /* a message that never completes (lost delivery, dropped subscriber)
+           must not stall the loop forever: give up on it after 2 s */
+        while (pub.oldest < pub.sent && t - pub.sent_ns[pub.oldest] > 2000000000ull) {
+            if (pub.count[pub.oldest] < pub.target[pub.oldest]) { pub.timed_out++; pub.completed++; pub.target[pub.oldest] = 0; }
+            pub.oldest++;
+            while (pub.oldest < pub.sent && pub.count[pub.oldest] >= pub.target[pub.oldest]) pub.oldest++;
+        }
+        while (pub.sent - pub.completed < (uint32_t)cfg.inflight && pub.sent < pub.max_msgs)
+            pub_send_one(t);
+    } else {
+        while (t >= pub.next_ns && pub.sent < pub.max_msgs) {
+            pub_send_one(t);
+            pub.next_ns += pub.interval_ns;
+        }
+    }
+}
+
+static void pub_init(conn_t *c, uint32_t max_msgs)
+{
+    pub.c = c;
+    pub.max_msgs = max_msgs;
+    pub.count = calloc(max_msgs, sizeof *pub.count);
+    pub.target = calloc(max_msgs, sizeof *pub.target);
+    pub.sent_ns = calloc(max_msgs, sizeof *pub.sent_ns);
+    if (!pub.count || !pub.target || !pub.sent_ns) die("calloc");
+}
+
+/* ------------------------------------------------------------------ */
+/* event loop                                                          */
+
+static void pump(int timeout_ms)
+{
+    static struct epoll_event ev[1024];
+    if (pub.active && !pub.closed_loop && pub.sent < pub.max_msgs) {
+        uint64_t t = now_ns();
+        int64_t until = (int64_t)(pub.next_ns - t);
+        int ms = until <= 0 ? 0 : (int)(until / 1000000);
+        if (ms < timeout_ms) timeout_ms = ms;
+    }
+    int n = epoll_wait(epfd, ev, 1024, timeout_ms);
+    if (n < 0 && errno != EINTR) die("epoll_wait");
+    uint64_t t = now_ns();
+    for (int i = 0; i < n; i++) handle_event(&conns[ev[i].data.u32], ev[i].events, t);
+    pub_tick(n > 0 ? now_ns() : t);
+    if (cfg.batch_us && n > 0 && g.window) {
+        struct timespec ts = { 0, cfg.batch_us * 1000L };
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Open every connection, at most cfg.concurrency handshakes in flight. */
+static double connect_all(void)
+{
+    uint64_t t0 = now_ns();
+    uint64_t deadline = t0 + (uint64_t)(cfg.connect_timeout * 1e9);
+    while (g.connected + g.failed < nconns && now_ns() < deadline) {
+        while (g.inflight_hs < cfg.concurrency && g.next_to_connect < nconns)
+            start_connect(&conns[g.next_to_connect++]);
+        pump(50);
+    }
+    return (double)(g.last_join_ns > t0 ? g.last_join_ns - t0 : 0) / 1e9;
+}
+
+/* Keep reading until nothing presence-like arrived for `quiet` seconds. */
+static void settle(double quiet, double max)
+{
+    uint64_t t0 = now_ns(), q = (uint64_t)(quiet * 1e9);
+    uint64_t end = t0 + (uint64_t)(max * 1e9);
+    g.last_presence_ns = t0;
+    for (;;) {
+        uint64_t t = now_ns();
+        if (t >= end) break;
+        uint64_t last = g.last_presence_ns > g.last_join_ns ? g.last_presence_ns : g.last_join_ns;
+        if (t - last >= q && t - t0 >= q) break;
+        pump(20);
+    }
+}
+
+static void run_for(double seconds)
+{
+    uint64_t end = now_ns() + (uint64_t)(seconds * 1e9);
+    while (now_ns() < end) pump(10);
+}
+
+/* ------------------------------------------------------------------ */
+/* reporting                                                           */
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void print_latency(void)
+{
+    if (!g.lat_n) { printf(",\"lat_samples\":0,\"p50_ms\":null,\"p99_ms\":null,\"max_ms\":null"); return; }
+    qsort(g.lat, g.lat_n, sizeof *g.lat, cmp_u64);
+    printf(",\"lat_samples\":%zu,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f", g.lat_n,
+           g.lat[(g.lat_n - 1) / 2] / 1e6, g.lat[(size_t)((g.lat_n - 1) * 0.99)] / 1e6,
+           g.lat[g.lat_n - 1] / 1e6);
+}
+
+static void print_common(void)
+{
+    int subs_closed = 0, failed_status[4] = { 0 };
+    for (int i = 0; i < nconns; i++) {
+        conn_t *c = &conns[i];
+        if (c->kind == K_SUB && c->state == S_CLOSED) subs_closed++;
+        if (c->state == S_FAILED) {
+            if (c->http_status == 0) failed_status[0]++;
+            else if (c->http_status >= 400 && c->http_status < 500) failed_status[1]++;
+            else if (c->http_status >= 500) failed_status[2]++;
+            else failed_status[3]++;
+        }
+    }
+    printf("\"mode\":\"%s\",\"conns\":%d,\"connected\":%d,\"connect_failed\":%d,"
+           "\"connect_failed_tcp\":%d,\"connect_failed_4xx\":%d,\"connect_failed_5xx\":%d,"
+           "\"connect_failed_other\":%d,\"subs_closed_by_server\":%d,"
+           "\"closes_during_window\":%d",
+           cfg.mode, nconns, g.connected, g.failed, failed_status[0], failed_status[1],
+           failed_status[2], failed_status[3], subs_closed, g.closes_during_run);
+    /* close codes seen by subscribers (first few distinct) */
+    int codes[8], ncodes = 0, counts[8] = { 0 };
+    for (int i = 0; i < nconns; i++) {
+        int cc = conns[i].close_code;
+        if (cc < 0) continue;
+        int k = 0;
+        while (k < ncodes && codes[k] != cc) k++;
+        if (k == ncodes) { if (ncodes == 8) continue; codes[ncodes++] = cc; }
+        counts[k]++;
+    }
+    printf(",\"close_codes\":{");
+    for (int k = 0; k < ncodes; k++) printf("%s\"%d\":%d", k ? "," : "", codes[k], counts[k]);
+    printf("}");
+}
+
+/* ------------------------------------------------------------------ */
+
+static void usage(void)
+{
+    fprintf(stderr,
+            "usage: loadgen --mode fanout|rate|slow|conns|join --port P [--pid SERVER_PID]\n"
+            "  --sub-path T (printf, %%d=index)  --pub-path PATH  --presence STR\n"
+            "  --subs N --slow N --concurrency N --inflight N --size BYTES\n"
+            "  --duration S --rate MSGS_PER_S --warmup S --drain S --tail S --hold\n");
+    exit(2);
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define ARG(name) (strcmp(a, name) == 0 && v && ++i)
+        if (ARG("--mode")) cfg.mode = v;
+        else if (ARG("--port")) cfg.port = atoi(v);
+        else if (ARG("--pid")) cfg.server_pid = atoi(v);
+        else if (ARG("--sub-path")) cfg.sub_path = v;
+        else if (ARG("--pub-path")) cfg.pub_path = v;
+        else if (ARG("--presence")) cfg.presence = v;
+        else if (ARG("--subs")) cfg.subs = atoi(v);
+        else if (ARG("--slow")) cfg.slow = atoi(v);
+        else if (ARG("--concurrency")) cfg.concurrency = atoi(v);
+        else if (ARG("--inflight")) cfg.inflight = atoi(v);
+        else if (ARG("--size")) cfg.size = atoi(v);
+        else if (ARG("--duration")) cfg.duration = atof(v);
+        else if (ARG("--rate")) cfg.rate = atof(v);
+        else if (ARG("--warmup")) cfg.warmup = atof(v);
+        else if (ARG("--drain")) cfg.drain = atof(v);
+        else if (ARG("--tail")) cfg.tail = atof(v);
+        else if (ARG("--connect-timeout")) cfg.connect_timeout = atof(v);
+        else if (ARG("--batch-us")) cfg.batch_us = atoi(v);
+        else if (strcmp(a, "--hold") == 0) cfg.hold = 1;
+        else usage();
+#undef ARG
+    }
+    signal(SIGPIPE, SIG_IGN);
+    xr ^= (uint32_t)now_ns() | 1;
+
+    int mode_fanout = !strcmp(cfg.mode, "fanout"), mode_rate = !strcmp(cfg.mode, "rate"),
+        mode_slow = !strcmp(cfg.mode, "slow"), mode_conns = !strcmp(cfg.mode, "conns"),
+        mode_join = !strcmp(cfg.mode, "join");
+    if (!(mode_fanout || mode_rate || mode_slow || mode_conns || mode_join)) usage();
+    int has_pub = mode_fanout || mode_rate || mode_slow;
+
+    nconns = cfg.subs + (mode_slow ? cfg.slow : 0) + (has_pub ? 1 : 0);
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < (rlim_t)nconns + 64) {
+        rl.rlim_cur = rl.rlim_max < (rlim_t)nconns + 64 ? rl.rlim_max : (rlim_t)nconns + 64;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    conns = calloc((size_t)nconns, sizeof *conns);
+    if (!conns) die("calloc");
+    /* Connection order = join order.  The publisher joins first; slow
+       clients are spread evenly among the subscribers so that neither
+       "all first" nor "all last" in a server's member list is favoured. */
+    int k = 0;
+    if (has_pub) conns[k++].kind = K_PUB;
+    int nslow = mode_slow ? cfg.slow : 0, slow_done = 0;
+    for (int i = 0; i < cfg.subs; i++) {
+        if (nslow && slow_done < nslow && i == (slow_done * cfg.subs) / nslow + cfg.subs / (2 * nslow))
+            conns[k++].kind = K_SLOW, slow_done++;
+        conns[k++].kind = K_SUB;
+    }
+    while (slow_done < nslow) conns[k++].kind = K_SLOW, slow_done++;
+    for (int i = 0; i < nconns; i++) { conns[i].fd = -1; conns[i].close_code = -1; }
+
+    srv.sin_family = AF_INET;
+    srv.sin_port = htons((uint16_t)cfg.port);
+    srv.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0) die("epoll_create1");
+    scratch = malloc(scratch_cap);
+    if (!scratch) die("malloc");
+
+    long rss_before = server_rss_kb();
+    double connect_s = connect_all();
+
+    printf("{\"connect_s\":%.3f", connect_s);
+
+    if (mode_fanout || mode_rate) {
+        settle(1.0, cfg.settle_max);
+        uint32_t max_msgs = mode_rate ? (uint32_t)(cfg.rate * (cfg.warmup + cfg.duration) + 2) : MAXSEQ;
+        pub_init(&conns[0], max_msgs);
+        uint64_t t = now_ns();
+        pub.closed_loop = mode_fanout;
+        pub.interval_ns = mode_rate ? (uint64_t)(1e9 / cfg.rate) : 0;
+        pub.next_ns = t;
+        pub.stop_ns = t + (uint64_t)((cfg.warmup + cfg.duration) * 1e9);
+        pub.active = 1;
+        uint32_t sent0 = 0;
+        if (cfg.warmup > 0) run_for(cfg.warmup);
+        /* the measured window: deliveries, latencies and CPU of both sides */
+        sent0 = pub.sent;
+        double s0 = server_cpu_us(), l0 = self_cpu_us();
+        uint64_t w0 = now_ns();
+        g.window = 1;
+        if (mode_fanout) run_for(cfg.duration);
+        else {
+            /* fixed rate: publish for `duration`, then let the last ones arrive */
+            while (pub.active) pump(10);
+            uint64_t end = now_ns() + (uint64_t)(cfg.tail * 1e9);
+            uint64_t want = 0;
+            for (uint32_t s = sent0; s < pub.sent; s++) want += pub.target[s];
+            while (now_ns() < end && g.win_deliveries < want) pump(10);
+        }
+        g.window = 0;
+        uint64_t w1 = now_ns();
+        double s1 = server_cpu_us(), l1 = self_cpu_us();
+        pub.active = 0;
+        double win = (double)(w1 - w0) / 1e9;
+        uint64_t expected = 0;
+        for (uint32_t s = sent0; s < pub.sent; s++) expected += pub.target[s];
+        printf(",\"subs\":%d,\"window_s\":%.3f,\"msgs_sent\":%u,\"msgs_timed_out\":%u,"
+               "\"deliveries\":%llu,\"expected\":%llu,\"deliveries_per_s\":%.1f,"
+               "\"server_cpu_us\":%.0f,\"loadgen_cpu_us\":%.0f,"
+               "\"server_cpu_us_per_delivery\":%.3f,\"loadgen_cpu_us_per_delivery\":%.3f,"
+               "\"server_cpu_pct\":%.1f,\"loadgen_cpu_pct\":%.1f",
+               g.open_subs, win, pub.sent - sent0, pub.timed_out,
+               (unsigned long long)g.win_deliveries, (unsigned long long)expected,
+               g.win_deliveries / win, s1 - s0, l1 - l0,
+               g.win_deliveries ? (s1 - s0) / g.win_deliveries : 0,
+               g.win_deliveries ? (l1 - l0) / g.win_deliveries : 0,
+               (s1 - s0) / (win * 1e4), (l1 - l0) / (win * 1e4));
+        print_latency();
+    } else if (mode_slow) {
+        settle(1.0, cfg.settle_max);
+        uint32_t max_msgs = (uint32_t)(cfg.rate * cfg.duration + 0.5);
+        pub_init(&conns[0], max_msgs);
+        long rss_start = server_rss_kb(), rss_max = rss_start, rss_end;
+        long samples[256]; int ns = 0;
+        samples[ns++] = rss_start;
+        uint64_t t = now_ns();
+        pub.interval_ns = (uint64_t)(1e9 / cfg.rate);
+        pub.next_ns = t;
+        pub.stop_ns = t + (uint64_t)(cfg.duration * 1e9) + 1000000; /* let the last tick fire */
+        pub.active = 1;
+        g.window = 1;
+        uint64_t next_sample = t + 1000000000ull;
+        uint64_t hard_end = t + (uint64_t)((cfg.duration + cfg.drain) * 1e9);
+        uint64_t stop_pub = t + (uint64_t)(cfg.duration * 1e9);
+        for (;;) {
+            uint64_t now = now_ns();
+            if (now >= next_sample) {
+                long r = server_rss_kb();
+                if (r > rss_max) rss_max = r;
+                if (ns < 256) samples[ns++] = r;
+                next_sample += 1000000000ull;
+            }
+            if (now >= stop_pub && pub.active) {
+                /* stop publishing; what the server has not read from the
+                   publisher by now is reported (it cannot be un-sent
+                   mid-frame, so it stays queued) */
+                pub.active = 0;
+                if (pub.c->state == S_OPEN) {
+                    pub.bytes_dropped_unsent = pub.c->out_len - pub.c->out_off;
+                }
+            }
+            if (now >= hard_end) break;
+            if (!pub.active && g.deliveries >= (uint64_t)pub.sent * (uint64_t)cfg.subs) break;
+            pump(10);
+        }
+        g.window = 0;
+        rss_end = server_rss_kb();
+        if (rss_end > rss_max) rss_max = rss_end;
+        uint64_t delivered = g.deliveries;
+        uint64_t expected = (uint64_t)max_msgs * (uint64_t)cfg.subs;
+        /* messages the publisher could not even hand to the kernel */
+        uint64_t unsent_msgs = pub.bytes_dropped_unsent / ((uint64_t)cfg.size + 14);
+        int dropped_during = 0;
+        for (int i = 0; i < nconns; i++)
+            if (conns[i].kind == K_SLOW && conns[i].state == S_CLOSED) dropped_during++;
+        /* Final check of the slow clients: read what is queued for them.  A
+           close frame or EOF means the server dropped them; data that keeps
+           flowing means it still serves them.  (Subscriber counts are frozen
+           above; reading may un-stall a server, which no longer matters.) */
+        for (int i = 0; i < nconns; i++) {
+            conn_t *c = &conns[i];
+            if (c->kind == K_SLOW && c->state == S_OPEN) {
+                c->slow_reading = 1;
+                ep_set(c, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
+            }
+        }
+        uint64_t check_end = now_ns() + 3000000000ull;
+        while (now_ns() < check_end) {
+            int open_slow = 0;
+            for (int i = 0; i < nconns; i++) if (conns[i].kind == K_SLOW && conns[i].state == S_OPEN) open_slow++;
+            if (!open_slow) break;
+            pump(20);
+        }
+        int dropped = 0;
+        printf(",\"subs\":%d,\"slow\":%d,\"msg_size\":%d,\"msgs_planned\":%u,\"msgs_published\":%u,"
+               "\"msgs_not_taken_by_server_at_stop\":%llu,\"expected\":%llu,\"delivered\":%llu,"
+               "\"delivery_ratio\":%.4f,\"rss_start_kb\":%ld,\"rss_max_kb\":%ld,\"rss_end_kb\":%ld,"
+               "\"rss_samples_kb\":[",
+               cfg.subs, cfg.slow, cfg.size, max_msgs, pub.sent,
+               (unsigned long long)unsent_msgs, (unsigned long long)expected,
+               (unsigned long long)delivered, expected ? (double)delivered / expected : 0.0,
+               rss_start, rss_max, rss_end);
+        for (int i = 0; i < ns; i++) printf("%s%ld", i ? "," : "", samples[i]);
+        printf("],\"slow_clients\":[");
+        int first = 1;
+        for (int i = 0; i < nconns; i++) {
+            conn_t *c = &conns[i];
+            if (c->kind != K_SLOW) continue;
+            int was_dropped = c->state == S_CLOSED;
+            dropped += was_dropped;
+            printf("%s{\"joined\":%s,\"dropped\":%s,\"close_code\":%d,\"eof\":%s,\"frames_read_at_end\":%llu}",
+                   first ? "" : ",", c->join_ns ? "true" : "false", was_dropped ? "true" : "false",
+                   c->close_code, c->eof ? "true" : "false", (unsigned long long)c->frames);
+            first = 0;
+        }
+        printf("],\"slow_dropped\":%d,\"slow_dropped_detected_during_run\":%d", dropped, dropped_during);
+        print_latency();
+    } else if (mode_conns) {
+        settle(1.0, cfg.settle_max);
+        long rss_after = server_rss_kb();
+        printf(",\"rss_before_kb\":%ld,\"rss_after_kb\":%ld,\"rss_per_conn_bytes\":%.0f,"
+               "\"presence_frames\":%llu,\"presence_bytes\":%llu",
+               rss_before, rss_after,
+               g.connected ? (double)(rss_after - rss_before) * 1024.0 / g.connected : 0.0,
+               (unsigned long long)g.pres_frames, (unsigned long long)g.pres_bytes);
+    } else if (mode_join) {
+        /* count until `tail` seconds after the last join completed */
+        uint64_t end = g.last_join_ns + (uint64_t)(cfg.tail * 1e9);
+        while (now_ns() < end) pump(10);
+        uint64_t maxf = 0, maxb = 0;
+        for (int i = 0; i < nconns; i++) {
+            if (conns[i].pres_frames > maxf) maxf = conns[i].pres_frames;
+            if (conns[i].pres_bytes > maxb) maxb = conns[i].pres_bytes;
+        }
+        printf(",\"members\":%d,\"presence_frames\":%llu,\"presence_bytes\":%llu,"
+               "\"presence_frames_per_member\":%.2f,\"presence_bytes_per_member\":%.1f,"
+               "\"presence_frames_max_member\":%llu,\"presence_bytes_max_member\":%llu",
+               g.connected, (unsigned long long)g.pres_frames, (unsigned long long)g.pres_bytes,
+               g.connected ? (double)g.pres_frames / g.connected : 0.0,
+               g.connected ? (double)g.pres_bytes / g.connected : 0.0,
+               (unsigned long long)maxf, (unsigned long long)maxb);
+    }
+    printf(",");
+    print_common();
+    printf("}\n");
+    fflush(stdout);
+
+    if (cfg.hold) {
+        /* keep the sockets open until run.py has stopped the server */
+        char b[64];
+        while (read(0, b, sizeof b) > 0) {}
+    }
+    return 0;
+}

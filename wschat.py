@@ -1,0 +1,1617 @@
+"""wschat: a single-file, embeddable WebSocket chat microservice.
+
+Rooms, presence, history and server-side push over WebSockets, built on FastAPI.
+Three ways to use it:
+
+* serve it: ``python wschat.py serve`` (or the ``wschat`` console script) and open
+  http://127.0.0.1:8000/ in two browser tabs;
+* mount it: ``app.mount("/chat", create_app())`` inside your FastAPI or Starlette app;
+* copy it: this file is the whole product; it needs fastapi, uvicorn and click
+  (plus ``redis`` for the optional Redis broker).
+
+Push to rooms from your own code::
+
+    from fastapi import FastAPI
+    from wschat import create_app
+
+    app = FastAPI()
+    chat_app = create_app(history=500)
+    app.mount("/chat", chat_app)
+
+    @app.post("/invoices/{number}/paid")
+    async def invoice_paid(number: int):
+        await chat_app.state.chat.publish("billing", f"invoice {number} paid", sender="billing")
+
+The README documents every route, option, close code and protocol frame; the section
+banners below carry the same names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import hmac
+import inspect
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette import status
+from starlette.requests import HTTPConnection
+
+__all__ = [
+    "Connection",
+    "ConnectionManager",
+    "MemoryBroker",
+    "RedisBroker",
+    "Settings",
+    "create_app",
+    "main",
+]
+__version__ = "0.1.0"
+
+logger = logging.getLogger("wschat")
+
+
+# ---------------------------------------------------------------------------
+# Errors and close codes
+# ---------------------------------------------------------------------------
+
+WS_1000_NORMAL_CLOSURE = status.WS_1000_NORMAL_CLOSURE
+WS_1001_GOING_AWAY = status.WS_1001_GOING_AWAY
+WS_1003_UNSUPPORTED_DATA = status.WS_1003_UNSUPPORTED_DATA
+WS_1008_POLICY_VIOLATION = status.WS_1008_POLICY_VIOLATION
+WS_1009_MESSAGE_TOO_BIG = status.WS_1009_MESSAGE_TOO_BIG
+WS_1011_INTERNAL_ERROR = status.WS_1011_INTERNAL_ERROR
+WS_1013_TRY_AGAIN_LATER = status.WS_1013_TRY_AGAIN_LATER
+
+
+class ProtocolError(ValueError):
+    """A client frame wschat cannot act on: answered with an error frame, the connection stays open."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker cannot be reached right now: publishers get an error frame, /healthz answers 503."""
+
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+BROKER_SCHEMES = ("memory", "redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option of ``wschat serve`` (one field per option) plus ``presence_interval``.
+
+    ``tokens`` and ``allowed_origins`` are the repeatable ``--token`` and
+    ``--allowed-origin``. Values are checked on creation: a bad one raises ValueError
+    naming the field and the value.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    timeout: float = 300.0
+    broker: str = "memory://"
+    tokens: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    history: int = 100
+    max_message_size: int = 64 * 1024
+    rate: float = 20.0
+    max_connections: int = 10_000
+    send_queue: int = 1024
+    workers: int = 1
+    log_level: str = "info"
+    root_path: str = ""
+    presence_interval: float = 0.25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", _as_tuple(self.tokens))
+        object.__setattr__(self, "allowed_origins", _as_tuple(self.allowed_origins))
+        _require(0 < self.port < 65536, "port", self.port, "between 1 and 65535")
+        _require(self.timeout >= 0, "timeout", self.timeout, "0 (off) or more seconds")
+        _require(self.history >= 0, "history", self.history, "0 (keep none) or more")
+        _require(self.max_message_size >= 1, "max_message_size", self.max_message_size, "at least 1 byte")
+        _require(self.rate >= 0, "rate", self.rate, "0 (off) or more messages per second")
+        _require(self.max_connections >= 1, "max_connections", self.max_connections, "at least 1")
+        _require(self.send_queue >= 1, "send_queue", self.send_queue, "at least 1")
+        _require(self.workers >= 1, "workers", self.workers, "at least 1")
+        _require(self.presence_interval > 0, "presence_interval", self.presence_interval, "more than 0 seconds")
+        _require(self.log_level.lower() in LOG_LEVELS, "log_level", self.log_level, f"one of {LOG_LEVELS}")
+        _require(urlsplit(self.broker).scheme in BROKER_SCHEMES, "broker", mask_url(self.broker),
+                 "memory:// or redis://host:port/db")
+        _require(all(t and t.strip() == t for t in self.tokens), "tokens", "<hidden>",
+                 "non-empty, without surrounding spaces")
+        _require(all(o == "*" or urlsplit(o).netloc for o in self.allowed_origins), "allowed_origins",
+                 self.allowed_origins, "'*' or origins like https://example.com")
+        _require(self.root_path == "" or (self.root_path.startswith("/") and not self.root_path.endswith("/")),
+                 "root_path", self.root_path, "empty or like /chat")
+
+    @property
+    def rate_burst(self) -> float:
+        """Token-bucket size: a client may send 2 x rate messages at once before it is limited."""
+        return 2 * self.rate
+
+
+def _as_tuple(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _require(condition: bool, name: str, value: object, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***, safe to print and log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
+# ---------------------------------------------------------------------------
+# Protocol: names, frames and events (pure functions)
+# ---------------------------------------------------------------------------
+
+LOBBY = "lobby"
+MEMBERS_IN_WELCOME = 100   # welcome and presence frames list at most this many ids
+ROOM_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+_ROOM_NAME = re.compile(ROOM_PATTERN)
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+PONG_FRAME = '{"type":"pong"}'
+
+# Views: how a connection sees its room. JSON is the room protocol, TEXT the lobby's
+# tutorial texts; PLAIN connections (echo, item) belong to no room.
+JSON_VIEW, TEXT_VIEW, PLAIN_VIEW = "json", "text", "plain"
+
+encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def valid_room(name: str) -> bool:
+    return _ROOM_NAME.match(name) is not None
+
+
+def valid_client_id(client_id: object) -> bool:
+    """1 to 64 characters, none of them a control character, all encodable as UTF-8."""
+    return (isinstance(client_id, str) and 0 < len(client_id) <= 64
+            and _CONTROL_CHARACTER.search(client_id) is None and _is_utf8(client_id))
+
+
+def _is_utf8(text: str) -> bool:
+    # Lone surrogates survive json.loads("\\ud800") but cannot be sent as a text frame.
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def checked_text(text: object) -> str:
+    """The chat text itself, or ProtocolError saying what is wrong with it."""
+    if not isinstance(text, str):
+        raise ProtocolError(f'"text" must be a string, got {type(text).__name__}')
+    if not text:
+        raise ProtocolError('"text" must not be empty')
+    if not _is_utf8(text):
+        raise ProtocolError('"text" is not valid Unicode (lone surrogate)')
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCommand:
+    """What a client frame on the room route asks for."""
+
+    kind: str                   # "message" or "ping"
+    text: str = ""
+    to: str | None = None
+
+
+_PING = ClientCommand("ping")
+
+
+def parse_client_frame(frame: str) -> ClientCommand:
+    """Read one room-route frame: a JSON object, or bare text meaning a message.
+
+    A frame starting with ``{`` must be valid JSON; anything else is the text of a
+    message, so people can type ``[sic]`` or ``42`` and mean it.
+    """
+    if not frame.lstrip().startswith("{"):
+        return ClientCommand("message", checked_text(frame))
+    try:
+        data = json.loads(frame)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    kind = data.get("type")
+    if kind == "ping":
+        return _PING
+    if kind != "message":
+        expected = 'expected "message" or "ping"'
+        raise ProtocolError(f'missing "type": {expected}' if kind is None else f"unknown type {kind!r}: {expected}")
+    to = data.get("to")
+    if to is not None and not valid_client_id(to):
+        raise ProtocolError('"to" must be a client id: 1-64 characters, no control characters')
+    return ClientCommand("message", checked_text(data.get("text")), to)
+
+
+def message_event(room: str, message_id: int | None, sender: str, text: str, *, to: str | None = None) -> dict:
+    """A chat message as clients see it; direct messages carry ``to`` and no id."""
+    event: dict[str, Any] = {"type": "message"}
+    if message_id is not None:
+        event["id"] = message_id
+    event.update({"room": room, "from": sender})
+    if to is not None:
+        event["to"] = to
+    event.update({"text": text, "ts": time.time()})
+    return event
+
+
+def presence_frame(room: str, joined: list[str], left: list[str], count: int) -> str:
+    event: dict[str, Any] = {"type": "presence", "room": room, "joined": joined[:MEMBERS_IN_WELCOME],
+                             "left": left[:MEMBERS_IN_WELCOME], "count": count}
+    if len(joined) > MEMBERS_IN_WELCOME or len(left) > MEMBERS_IN_WELCOME:
+        event["truncated"] = True   # the page then reloads GET /rooms/{room}/members
+    return encode(event)
+
+
+def error_frame(reason: str) -> str:
+    return encode({"type": "error", "error": reason})
+
+
+def plan_replay(retained: list[tuple[dict, str]], last_id: int, since: int | None,
+                epoch_matches: bool) -> tuple[list[tuple[dict, str]], bool | None]:
+    """Which retained messages a (re)connecting client gets, and whether that closes its gap.
+
+    Without ``since`` the client gets all retained messages and no verdict. With it,
+    the gap is recovered when the epoch matches and every id after ``since`` is still
+    retained; otherwise the client gets everything retained and ``recovered`` is False.
+    """
+    if since is None:
+        return retained, None
+    first_retained = retained[0][0]["id"] if retained else last_id + 1
+    if epoch_matches and first_retained - 1 <= since <= last_id:
+        return [item for item in retained if item[0]["id"] > since], True
+    return retained, False
+
+
+# ---------------------------------------------------------------------------
+# Connection manager
+# ---------------------------------------------------------------------------
+
+class ChatSocket(Protocol):
+    """The part of Starlette's WebSocket the manager uses, so tests can pass a fake."""
+
+    async def accept(self) -> None: ...
+    async def receive(self) -> dict: ...
+    async def send_text(self, data: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class Connection:
+    """One accepted WebSocket: who it is, where it is, and its outbound queue.
+
+    ``push`` queues a frame and returns at once. A writer task, started on demand and
+    finished when the queue is empty, hands frames to the socket in order, so a socket
+    that stops reading only ever delays itself. A queue holding ``send_queue`` frames
+    that are still waiting marks a client too slow: see ``ConnectionManager``.
+    """
+
+    __slots__ = ("socket", "client_id", "room", "view", "credential", "closed", "last_seen",
+                 "_manager", "_loop", "_outbox", "_backlog", "_limit", "_writer", "_close_request",
+                 "_abandoned", "_tokens", "_stamp", "_idle_timer", "_in_room")
+
+    def __init__(self, manager: ConnectionManager, socket: ChatSocket, *, client_id: str,
+                 room: str | None, view: str, credential: str | None = None) -> None:
+        self.socket = socket
+        self.client_id = client_id
+        self.room = room
+        self.view = view
+        self.credential = credential
+        self.closed = False
+        self._manager = manager
+        self._loop = manager.loop
+        self.last_seen = self._loop.time()
+        self._outbox: list[str] = []
+        self._backlog = 0
+        self._limit = manager.settings.send_queue
+        self._writer: asyncio.Task | None = None
+        self._close_request: tuple[int, str] | None = None
+        self._abandoned = False
+        self._tokens = manager.settings.rate_burst
+        self._stamp = self.last_seen
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._in_room = False
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.client_id!r} room={self.room!r} view={self.view}>"
+
+    def push(self, frame: str) -> None:
+        """Queue one text frame for this client; never waits."""
+        if self.closed:
+            return
+        if self._backlog >= self._limit:
+            self._manager._overflowed(self)
+            return
+        self._outbox.append(frame)
+        self._backlog += 1
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._drain())
+
+    def send_error(self, reason: str) -> None:
+        """An error frame on the room route; a plain ``Error: ...`` line on text routes."""
+        self.push(error_frame(reason) if self.view == JSON_VIEW else f"Error: {reason}")
+
+    def close(self, code: int = WS_1000_NORMAL_CLOSURE, reason: str = "", *, discard: bool = False) -> None:
+        """Close after the frames already queued, or at once with ``discard=True``."""
+        if discard and not self._abandoned:
+            self._abandoned = True
+            self._outbox = []
+            self._backlog = 0
+        if self._close_request is not None:
+            return
+        self.closed = True
+        self._close_request = (code, reason)
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._drain())
+
+    @property
+    def pending(self) -> int:
+        """Frames queued and not yet handed to the socket."""
+        return self._backlog
+
+    async def _drain(self) -> None:
+        send_text = self.socket.send_text
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                for frame in batch:
+                    if self._abandoned:
+                        break
+                    await send_text(frame)
+                    self._backlog -= 1
+            if self._close_request is not None:
+                await self.socket.close(*self._close_request)
+        except Exception as exc:  # the peer vanished mid-send: the reader cleans up
+            self.closed = self._abandoned = True
+            self._outbox = []
+            self._backlog = 0
+            logger.debug("send to %r failed: %s", self, exc.__class__.__name__)
+        finally:
+            self._writer = None
+
+    def _take_token(self, now: float, rate: float, burst: float) -> bool:
+        """Token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
+        tokens = min(burst, self._tokens + (now - self._stamp) * rate)
+        self._stamp = now
+        if tokens < 1:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1
+        return True
+
+
+class Room:
+    """This process's view of one room: its connections by view and by client id."""
+
+    __slots__ = ("name", "json", "text", "syncing", "clients", "changes", "flush_timer")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.json: dict[Connection, None] = {}       # room-protocol connections, live
+        self.text: dict[Connection, None] = {}       # lobby text view
+        self.syncing: dict[Connection, list[tuple[int | None, str]]] = {}  # awaiting history
+        self.clients: dict[str, list[Connection]] = {}
+        self.changes: dict[str, bool] = {}           # presence not yet announced: id -> joined
+        self.flush_timer: asyncio.TimerHandle | None = None
+
+
+class ConnectionManager:
+    """Rooms, members and fan-out for one app; reached by host code as ``app.state.chat``.
+
+    Fan-out policy, in the spirit of ``websockets.broadcast()``: delivering a message is
+    a synchronous loop that queues one shared, already-encoded frame on each
+    recipient's connection and never waits for any socket. Each connection's own writer
+    drains its queue. A client whose queue already holds ``send_queue`` frames is too
+    slow to keep up: it alone is closed with 1013, its queue discarded, and it is
+    counted in ``slow_clients_dropped``; everyone else carries on. A client that
+    vanishes mid-send is cleaned up once, quietly, by its own reader.
+
+    The seed tutorial's names are kept: ``connect``, ``disconnect``,
+    ``send_personal_message``, ``broadcast`` and ``active_connections``.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, broker: Broker | None = None) -> None:
+        self.settings = settings or Settings()
+        self.broker: Broker = broker or broker_from_url(self.settings.broker, history=self.settings.history)
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+        self._connections: dict[ChatSocket, Connection] = {}
+        self._rooms: dict[str, Room] = {}
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self.messages_in = 0
+        self.messages_out = 0
+        self.slow_clients_dropped = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the broker; done lazily on first use, because a mounted app gets no lifespan."""
+        if self._started:
+            return
+        self._start_lock = self._start_lock or asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            self.loop = asyncio.get_running_loop()
+            await self.broker.start(self)
+            self._started = True
+
+    async def stop(self, grace: float = 3.0) -> None:
+        """Close every connection with 1001 and stop the broker."""
+        if not self._started:
+            return
+        for conn in list(self._connections.values()):
+            conn.close(WS_1001_GOING_AWAY, "server shutting down")
+        deadline = self.loop.time() + grace
+        while any(c._writer for c in self._connections.values()) and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.broker.stop()
+        self._started = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    # -- connections ---------------------------------------------------------
+
+    @property
+    def active_connections(self) -> list[ChatSocket]:
+        """Every socket currently connected to this app, as in the tutorial."""
+        return list(self._connections)
+
+    def new_guest_id(self) -> str:
+        while True:
+            guest = f"guest-{secrets.token_hex(4)}"
+            if not any(guest in room.clients for room in self._rooms.values()):
+                return guest
+
+    async def connect(self, websocket: ChatSocket, *, client_id: str | None = None, room: str | None = None,
+                      view: str | None = None, since: int | None = None, epoch: str | None = None,
+                      credential: str | None = None) -> Connection | None:
+        """Accept a socket and, with ``room``, join it: the room protocol by default,
+        the lobby text view with ``view=TEXT_VIEW``. Returns None when the server is
+        full (the socket was closed with 1013)."""
+        await self.start()
+        if len(self._connections) >= self.settings.max_connections:
+            await websocket.accept()
+            await websocket.close(WS_1013_TRY_AGAIN_LATER, "too many connections, try again later")
+            return None
+        await websocket.accept()
+        view = view or (JSON_VIEW if room is not None else PLAIN_VIEW)
+        conn = Connection(self, websocket, client_id=client_id or self.new_guest_id(), room=room,
+                          view=view, credential=credential)
+        self._connections[websocket] = conn
+        self._watch_idle(conn)
+        if room is not None:
+            try:
+                await self._enter(conn, since, epoch)
+            except BrokerUnavailable as exc:
+                conn.close(WS_1013_TRY_AGAIN_LATER, f"broker unavailable: {exc}"[:120])
+        return conn
+
+    def disconnect(self, target: Connection | ChatSocket) -> None:
+        """Forget a connection: leave its room, stop its timer. Safe to call twice."""
+        conn = target if isinstance(target, Connection) else self._connections.get(target)
+        if conn is None:
+            return
+        self._connections.pop(conn.socket, None)
+        if conn._idle_timer is not None:
+            conn._idle_timer.cancel()
+            conn._idle_timer = None
+        self._leave(conn)
+
+    async def frames(self, conn: Connection) -> AsyncIterator[str]:
+        """The text frames a client sends, once they pass the limits of SPEC section 7.
+
+        Binary frames close with 1003, frames over ``max_message_size`` with 1009; a
+        client over its rate gets an error frame instead of delivery. After a close
+        has been requested this keeps reading (and ignoring) until the socket ends,
+        so the close frame goes out before the handler returns.
+        """
+        receive = conn.socket.receive
+        settings = self.settings
+        limit, rate, burst = settings.max_message_size, settings.rate, settings.rate_burst
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if conn.closed:
+                continue
+            now = conn.last_seen = self.loop.time()
+            self.messages_in += 1
+            text = message.get("text")
+            if text is None:
+                conn.close(WS_1003_UNSUPPORTED_DATA, "binary frames are not supported", discard=True)
+            elif len(text) > limit // 4 and utf8_length(text) > limit:
+                conn.close(WS_1009_MESSAGE_TOO_BIG, f"message larger than {limit} bytes", discard=True)
+            elif rate and not conn._take_token(now, rate, burst):
+                conn.send_error(f"rate limit exceeded: at most {rate:g} messages per second; not delivered")
+            else:
+                yield text
+
+    def _watch_idle(self, conn: Connection, delay: float | None = None) -> None:
+        # One timer per connection, re-armed lazily: receiving a frame costs nothing.
+        if self.settings.timeout:
+            conn._idle_timer = self.loop.call_later(delay or self.settings.timeout, self._check_idle, conn)
+
+    def _check_idle(self, conn: Connection) -> None:
+        idle = self.loop.time() - conn.last_seen
+        if idle >= self.settings.timeout:
+            conn._idle_timer = None
+            conn.close(WS_1000_NORMAL_CLOSURE, "Session timeout")
+        else:
+            self._watch_idle(conn, self.settings.timeout - idle)
+
+    def _overflowed(self, conn: Connection) -> None:
+        self.slow_clients_dropped += 1
+        logger.info("dropping slow client %r: %d frames queued", conn.client_id, conn.pending)
+        conn.close(WS_1013_TRY_AGAIN_LATER, "too slow: send queue full", discard=True)
+        # Called from inside a fan-out loop over the room: leave it once that loop is done.
+        self.loop.call_soon(self._leave, conn)
+
+    # -- rooms ---------------------------------------------------------------
+
+    async def _enter(self, conn: Connection, since: int | None, epoch: str | None) -> None:
+        name = conn.room
+        assert name is not None
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(name)
+        conn._in_room = True
+        clients = room.clients.setdefault(conn.client_id, [])
+        clients.append(conn)
+        if conn.view == TEXT_VIEW:
+            room.text[conn] = None
+        else:
+            room.syncing[conn] = []
+        try:
+            await self.broker.subscribe(name)
+            if len(clients) == 1:
+                self.broker.join(name, conn.client_id)
+            if conn.view == JSON_VIEW:
+                await self._welcome(room, conn, since, epoch)
+        except BaseException:
+            self._leave(conn)
+            raise
+
+    async def _welcome(self, room: Room, conn: Connection, since: int | None, epoch: str | None) -> None:
+        """Welcome, then the replay, then whatever arrived meanwhile: in id order, once each."""
+        current_epoch, last_id, retained = await self.broker.history(room.name)
+        members, count = await self.broker.roster(room.name, MEMBERS_IN_WELCOME)
+        pending = room.syncing.pop(conn, None)
+        if pending is None or conn.closed:
+            return
+        replay, recovered = plan_replay(retained, last_id, since, epoch in (None, current_epoch))
+        welcome = {"type": "welcome", "room": room.name, "client_id": conn.client_id, "members": members,
+                   "count": count, "last_id": last_id, "epoch": current_epoch, "timeout": self.settings.timeout}
+        if recovered is not None:
+            welcome["recovered"] = recovered
+        conn.push(encode(welcome))
+        for _, frame in replay:
+            conn.push(frame)
+        for message_id, frame in pending:
+            if message_id is None or message_id > last_id:
+                conn.push(frame)
+        room.json[conn] = None
+
+    def _leave(self, conn: Connection) -> None:
+        if not conn._in_room:
+            return
+        conn._in_room = False
+        room = self._rooms[conn.room]  # type: ignore[index]
+        room.json.pop(conn, None)
+        room.text.pop(conn, None)
+        room.syncing.pop(conn, None)
+        clients = room.clients[conn.client_id]
+        clients.remove(conn)
+        if not clients:
+            del room.clients[conn.client_id]
+            self.broker.leave(room.name, conn.client_id)
+        self.broker.unsubscribe(room.name)
+        if not room.clients:
+            if room.flush_timer is not None:
+                room.flush_timer.cancel()
+            del self._rooms[room.name]
+
+    # -- delivery (called by the broker) -------------------------------------
+
+    def deliver(self, room_name: str, message: dict, frame: str) -> None:
+        """Fan one stored message out to this process's members of its room."""
+        room = self._rooms.get(room_name)
+        if room is None:
+            return
+        for conn in room.json:
+            conn.push(frame)
+        delivered = len(room.json)
+        if room.text:
+            delivered += self._deliver_text(room, message)
+        for pending in room.syncing.values():
+            pending.append((message["id"], frame))
+        self.messages_out += delivered
+
+    def _deliver_text(self, room: Room, message: dict) -> int:
+        sender, text = message["from"], message["text"]
+        own = f"You wrote: {text}"
+        others = f"Client #{sender} says: {text}"
+        for conn in room.text:
+            conn.push(own if conn.client_id == sender else others)
+        return len(room.text)
+
+    def deliver_direct(self, room_name: str | None, message: dict) -> None:
+        """A direct message: to the recipient's and the sender's connections only."""
+        rooms = [self._rooms[room_name]] if room_name in self._rooms else [] if room_name else list(self._rooms.values())
+        sender, recipient, text = message["from"], message["to"], message["text"]
+        for room in rooms:
+            frame = encode({**message, "room": room.name})
+            for client_id in dict.fromkeys((recipient, sender)):
+                for conn in room.clients.get(client_id, ()):
+                    if conn.view == TEXT_VIEW:
+                        conn.push(f"You wrote: {text}" if client_id == sender
+                                  else f"Client #{sender} says to you: {text}")
+                    elif conn in room.syncing:
+                        room.syncing[conn].append((None, frame))
+                    else:
+                        conn.push(frame)
+                    self.messages_out += 1
+
+    def presence_changed(self, room_name: str, client_id: str, joined: bool) -> None:
+        """A client id joined or left a room anywhere: tell the text view now, the JSON view coalesced."""
+        room = self._rooms.get(room_name)
+        if room is None:
+            return
+        if room.text:
+            line = f"Client #{client_id} {'joined' if joined else 'left'} the chat"
+            for conn in room.text:
+                if conn.client_id != client_id:
+                    conn.push(line)
+        if room.changes.get(client_id) is (not joined):
+            del room.changes[client_id]   # joined and left again within one interval: no news
+        else:
+            room.changes[client_id] = joined
+        if room.flush_timer is None:
+            room.flush_timer = self.loop.call_later(self.settings.presence_interval, self._flush_presence, room)
+
+    def _flush_presence(self, room: Room) -> None:
+        # At most one presence frame per room per interval, shared by every member, so
+        # a join storm costs each member a few frames rather than one per joiner.
+        room.flush_timer = None
+        changes, room.changes = room.changes, {}
+        joined = [client_id for client_id, came in changes.items() if came]
+        left = [client_id for client_id, came in changes.items() if not came]
+        if not (joined or left):
+            return
+        frame = presence_frame(room.name, joined, left, self.broker.count(room.name))
+        for conn in room.json:
+            conn.push(frame)
+        for pending in room.syncing.values():
+            pending.append((None, frame))
+
+    # -- the room protocol ---------------------------------------------------
+
+    async def handle_frame(self, conn: Connection, frame: str) -> None:
+        """Act on one room-route frame: a message, a direct message or a ping."""
+        try:
+            command = parse_client_frame(frame)
+        except ProtocolError as exc:
+            conn.send_error(str(exc))
+            return
+        if command.kind == "ping":
+            conn.push(PONG_FRAME)
+            return
+        try:
+            if command.to is None:
+                await self.broker.publish(conn.room, conn.client_id, command.text)  # type: ignore[arg-type]
+            else:
+                await self._send_direct(conn, command.to, command.text)
+        except BrokerUnavailable as exc:
+            conn.send_error(f"not delivered, the broker is unavailable: {exc}")
+
+    async def handle_text(self, conn: Connection, text: str) -> None:
+        """Act on one lobby text-view frame: the whole frame is the message."""
+        try:
+            await self.broker.publish(conn.room, conn.client_id, checked_text(text))  # type: ignore[arg-type]
+        except (ProtocolError, BrokerUnavailable) as exc:
+            conn.send_error(str(exc))
+
+    async def _send_direct(self, conn: Connection, to: str, text: str) -> None:
+        room = conn.room
+        assert room is not None
+        if not await self.broker.is_member(room, to):
+            conn.send_error(f"no member {to!r} in room {room!r}")
+            return
+        await self.broker.direct(room, message_event(room, None, conn.client_id, text, to=to))
+
+    # -- host API --------------------------------------------------------------
+
+    async def publish(self, room: str, text: str, *, sender: str = "server") -> dict:
+        """Publish a message to a room as ``sender``: stored, numbered, delivered to every member.
+
+        Raises ValueError for a bad room name, sender or text, BrokerUnavailable when
+        the broker cannot be reached. Returns the stored message."""
+        _check_room(room)
+        if not valid_client_id(sender):
+            raise ValueError(f"sender must be 1-64 characters without control characters, got {sender!r}")
+        try:
+            text = checked_text(text)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if utf8_length(text) > self.settings.max_message_size:
+            raise ValueError(f"text is larger than max_message_size ({self.settings.max_message_size} bytes)")
+        await self.start()
+        return await self.broker.publish(room, sender, text)
+
+    async def send_personal_message(self, message: str, to: ChatSocket | Connection | str, *,
+                                    room: str | None = None, sender: str = "server") -> None:
+        """Send ``message`` to one client.
+
+        ``to`` a socket or Connection: the text goes to it as is (the tutorial's use).
+        ``to`` a client id: a direct message frame to that client's connections, in
+        ``room`` or, without it, in every room where it is connected.
+        """
+        if isinstance(to, str):
+            if room is not None:
+                _check_room(room)
+            await self.start()
+            await self.broker.direct(room, message_event(room or "", None, sender, checked_text(message), to=to))
+            return
+        conn = to if isinstance(to, Connection) else self._connections.get(to)
+        if conn is None:
+            raise LookupError("that socket is not connected to this manager")
+        conn.push(message)
+
+    async def broadcast(self, message: str, *, room: str | None = None) -> int:
+        """Send ``message`` as is to every connection (of ``room``) in this process.
+
+        Like the tutorial's broadcast, without its flaw: nothing here waits for a socket.
+        For chat messages with ids and history use ``publish``. Returns the number of
+        connections reached."""
+        if room is None:
+            targets = list(self._connections.values())
+        else:
+            found = self._rooms.get(room)
+            targets = [c for conns in found.clients.values() for c in conns] if found else []
+        for conn in targets:
+            conn.push(message)
+        self.messages_out += len(targets)
+        return len(targets)
+
+    async def members(self, room: str) -> list[str]:
+        """Every client id connected to ``room`` (on any process, with a shared broker)."""
+        _check_room(room)
+        await self.start()
+        return await self.broker.members(room)
+
+    async def history(self, room: str, *, since: int | None = None, limit: int | None = None) -> list[dict]:
+        """Retained messages of ``room`` with id > ``since``, oldest first, at most ``limit``."""
+        return (await self.history_page(room, since=since, limit=limit))["messages"]
+
+    async def history_page(self, room: str, *, since: int | None = None, limit: int | None = None) -> dict:
+        _check_room(room)
+        await self.start()
+        epoch, last_id, retained = await self.broker.history(room)
+        messages = [message for message, _ in retained if since is None or message["id"] > since]
+        return {"room": room, "epoch": epoch, "last_id": last_id, "messages": messages[:limit]}
+
+    async def rooms(self) -> dict[str, int]:
+        """Rooms with at least one member, and how many members each has."""
+        await self.start()
+        return await self.broker.rooms()
+
+    def stats(self) -> dict:
+        healthy, reason = self.broker.health()
+        return {"connections": len(self._connections), "rooms": len(self._rooms),
+                "messages_in": self.messages_in, "messages_out": self.messages_out,
+                "slow_clients_dropped": self.slow_clients_dropped,
+                "broker": {"url": mask_url(self.broker.url), "ok": healthy, "status": reason}}
+
+    def health(self) -> tuple[bool, str]:
+        return self.broker.health()
+
+
+def _check_room(room: str) -> None:
+    if not valid_room(room):
+        raise ValueError(f"room must be 1-64 of A-Z a-z 0-9 _ . -, got {room!r}")
+
+
+# ---------------------------------------------------------------------------
+# Brokers: where ids, history and presence live
+# ---------------------------------------------------------------------------
+
+class Broker(Protocol):
+    """What the manager needs from a broker. ``deliver``, ``deliver_direct`` and
+    ``presence_changed`` of the manager are called back for every event, including
+    this process's own."""
+
+    url: str
+
+    async def start(self, manager: ConnectionManager) -> None: ...
+    async def stop(self) -> None: ...
+    def health(self) -> tuple[bool, str]: ...
+    async def publish(self, room: str, sender: str, text: str) -> dict: ...
+    async def direct(self, room: str | None, message: dict) -> None: ...
+    async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]: ...
+    async def subscribe(self, room: str) -> None: ...
+    def unsubscribe(self, room: str) -> None: ...
+    def join(self, room: str, client_id: str) -> None: ...
+    def leave(self, room: str, client_id: str) -> None: ...
+    def count(self, room: str) -> int: ...
+    async def roster(self, room: str, limit: int) -> tuple[list[str], int]: ...
+    async def members(self, room: str) -> list[str]: ...
+    async def is_member(self, room: str, client_id: str) -> bool: ...
+    async def rooms(self) -> dict[str, int]: ...
+
+
+def broker_from_url(url: str, *, history: int = 100) -> Broker:
+    """``memory://`` or ``redis://host:port/db``; Redis is imported only when asked for."""
+    if urlsplit(url).scheme == "memory":
+        return MemoryBroker(history=history)
+    return RedisBroker(url, history=history)
+
+
+@dataclass
+class _Sequence:
+    epoch: str
+    last_id: int = 0
+    retained: deque = field(default_factory=deque)
+
+
+class MemoryBroker:
+    """Everything in this process: the embedded default, and the double for tests.
+
+    A room's sequence lives while it has members or retained messages; when it is
+    forgotten and starts again it gets a new epoch, so old ids are never trusted.
+    """
+
+    url = "memory://"
+
+    def __init__(self, *, history: int = 100) -> None:
+        self._history = history
+        self._manager: ConnectionManager | None = None
+        self._sequences: dict[str, _Sequence] = {}
+        self._members: dict[str, dict[str, None]] = {}
+
+    async def start(self, manager: ConnectionManager) -> None:
+        self._manager = manager
+
+    async def stop(self) -> None:
+        pass
+
+    def health(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def _sequence(self, room: str) -> _Sequence:
+        sequence = self._sequences.get(room)
+        if sequence is None:
+            sequence = self._sequences[room] = _Sequence(epoch=secrets.token_hex(6),
+                                                         retained=deque(maxlen=self._history))
+        return sequence
+
+    async def publish(self, room: str, sender: str, text: str) -> dict:
+        sequence = self._sequence(room)
+        sequence.last_id += 1
+        message = message_event(room, sequence.last_id, sender, text)
+        frame = encode(message)
+        if self._history:
+            sequence.retained.append((message, frame))
+        self._manager.deliver(room, message, frame)  # type: ignore[union-attr]
+        self._forget_if_unused(room)
+        return message
+
+    async def direct(self, room: str | None, message: dict) -> None:
+        self._manager.deliver_direct(room, message)  # type: ignore[union-attr]
+
+    async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
+        sequence = self._sequence(room)
+        result = sequence.epoch, sequence.last_id, list(sequence.retained)
+        self._forget_if_unused(room)
+        return result
+
+    async def subscribe(self, room: str) -> None:
+        pass
+
+    def unsubscribe(self, room: str) -> None:
+        pass
+
+    def join(self, room: str, client_id: str) -> None:
+        self._members.setdefault(room, {})[client_id] = None
+        self._manager.presence_changed(room, client_id, True)  # type: ignore[union-attr]
+
+    def leave(self, room: str, client_id: str) -> None:
+        members = self._members.get(room, {})
+        members.pop(client_id, None)
+        if not members:
+            self._members.pop(room, None)
+            self._forget_if_unused(room)
+        self._manager.presence_changed(room, client_id, False)  # type: ignore[union-attr]
+
+    def _forget_if_unused(self, room: str) -> None:
+        sequence = self._sequences.get(room)
+        if sequence is not None and not sequence.retained and room not in self._members:
+            del self._sequences[room]
+
+    def count(self, room: str) -> int:
+        return len(self._members.get(room, ()))
+
+    async def roster(self, room: str, limit: int) -> tuple[list[str], int]:
+        members = self._members.get(room, {})
+        return list(itertools.islice(members, limit)), len(members)
+
+    async def members(self, room: str) -> list[str]:
+        return list(self._members.get(room, ()))
+
+    async def is_member(self, room: str, client_id: str) -> bool:
+        return client_id in self._members.get(room, ())
+
+    async def rooms(self) -> dict[str, int]:
+        return {room: len(members) for room, members in self._members.items()}
+
+
+class RedisBroker:
+    """Placeholder until the Redis broker lands: refuses clearly instead of half-working."""
+
+    def __init__(self, url: str, *, history: int = 100) -> None:
+        raise ValueError(f"the Redis broker is not available yet; use memory:// (got {mask_url(url)})")
+
+
+# ---------------------------------------------------------------------------
+# Authentication and origin
+# ---------------------------------------------------------------------------
+
+Authenticate = Callable[[str], "str | None | Awaitable[str | None]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Who was let in: ``identity`` from the authenticate hook (else None), and the credential used."""
+
+    identity: str | None
+    credential: str | None
+
+
+class Gatekeeper:
+    """Decides who may connect: the Origin check first, then tokens or the authenticate hook.
+
+    Credentials are read from the ``session`` cookie, the ``token`` query parameter
+    and an ``Authorization: Bearer`` header, in that order; any one that passes
+    admits the client. Tokens are compared as SHA-256 digests with
+    ``hmac.compare_digest``, so neither content nor length leaks through timing.
+    """
+
+    def __init__(self, settings: Settings, authenticate: Authenticate | None = None) -> None:
+        self._digests = [hashlib.sha256(token.encode()).digest() for token in settings.tokens]
+        self._origins = {origin.rstrip("/").lower() for origin in settings.allowed_origins}
+        self._authenticate = authenticate
+
+    @property
+    def demo_mode(self) -> bool:
+        return not self._digests and self._authenticate is None
+
+    def origin_allowed(self, connection: HTTPConnection) -> bool:
+        """Browsers send Origin; a handshake from another site is cross-site hijacking."""
+        origin = connection.headers.get("origin")
+        if origin is None or "*" in self._origins:
+            return True
+        origin = origin.rstrip("/").lower()
+        if self._origins:
+            return origin in self._origins
+        return urlsplit(origin).netloc == connection.headers.get("host", "").lower()
+
+    async def admit(self, connection: HTTPConnection, *, credential_required: bool = False) -> Admission | None:
+        """An Admission, or None when the client must be refused."""
+        if not self.origin_allowed(connection):
+            logger.info("refused %s from origin %s", connection.url.path, connection.headers.get("origin"))
+            return None
+        credentials = _credentials(connection)
+        if self._authenticate is not None:
+            for credential in credentials:
+                identity = await self._identify(credential)
+                if identity is not None:
+                    return Admission(identity, credential)
+            return None
+        if self._digests:
+            for credential in credentials:
+                if self._token_matches(credential):
+                    return Admission(None, credential)
+            return None
+        if credential_required and not credentials:
+            return None
+        return Admission(None, credentials[0] if credentials else None)
+
+    def _token_matches(self, credential: str) -> bool:
+        digest = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
+        matched = False
+        for expected in self._digests:   # no early exit: every token is compared
+            matched |= hmac.compare_digest(digest, expected)
+        return matched
+
+    async def _identify(self, credential: str) -> str | None:
+        try:
+            identity = self._authenticate(credential)  # type: ignore[misc]
+            if inspect.isawaitable(identity):
+                identity = await identity
+        except Exception as exc:
+            logger.warning("authenticate hook raised %s; refusing the client", exc.__class__.__name__)
+            return None
+        if identity is None:
+            return None
+        identity = str(identity)
+        if not valid_client_id(identity):
+            logger.error("authenticate hook returned an identity that is not a valid client id; refusing")
+            return None
+        return identity
+
+
+def _credentials(connection: HTTPConnection) -> list[str]:
+    found = [connection.cookies.get("session"), connection.query_params.get("token")]
+    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        found.append(value.strip())
+    return [credential for credential in found if credential]
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks tokens, cookies and passwords in log records (uvicorn logs query strings)."""
+
+    _SECRET = re.compile(r"(?i)\b(token|session|password|access_token)=[^&\s\"']*")
+    _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"']+")
+    _URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]+@")
+
+    def _redact(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = self._SECRET.sub(r"\1=***", value)
+        value = self._BEARER.sub(r"\1 ***", value)
+        return self._URL_PASSWORD.sub(r"\1:***@", value)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: self._redact(arg) for key, arg in record.args.items()}
+        return True
+
+
+def _redact_uvicorn_logs() -> None:
+    """uvicorn logs every WebSocket path with its query string, tokens included."""
+    for name in ("uvicorn.error", "uvicorn.access", "wschat"):
+        target = logging.getLogger(name)
+        if not any(isinstance(existing, _RedactSecrets) for existing in target.filters):
+            target.addFilter(_RedactSecrets())
+
+
+# ---------------------------------------------------------------------------
+# App factory and routes
+# ---------------------------------------------------------------------------
+
+class PostedMessage(BaseModel):
+    """Body of ``POST /rooms/{room}/messages``."""
+
+    text: str = Field(min_length=1)
+    sender: str | None = Field(default=None, alias="from", min_length=1, max_length=64)
+
+
+RoomName = Path(pattern=ROOM_PATTERN, description="1-64 of A-Z a-z 0-9 _ . -")
+
+
+def create_app(*, authenticate: Authenticate | None = None, **settings: Any) -> FastAPI:
+    """A FastAPI app serving wschat; keyword settings as in ``Settings`` (one per CLI option).
+
+    ``authenticate`` is an optional sync or async callable ``credential -> identity |
+    None``: when given it replaces tokens, and the identity it returns becomes the
+    client id. The app's ConnectionManager is ``app.state.chat``.
+    """
+    config = Settings(**settings)
+    chat = ConnectionManager(config)
+    gate = Gatekeeper(config, authenticate)
+    app = FastAPI(title="wschat", version=__version__, lifespan=chat.lifespan, root_path=config.root_path,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.chat = chat
+    app.state.gatekeeper = gate
+    _redact_uvicorn_logs()
+    _add_http_routes(app, chat, gate)
+    _add_websocket_routes(app, chat, gate)
+    return app
+
+
+def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) -> None:
+    async def access(request: Request) -> Admission:
+        """Tokens guard everything but the page and /healthz; a cross-site POST is refused."""
+        if request.method != "GET" and not gate.origin_allowed(request):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "origin not allowed")
+        admission = await gate.admit(request)
+        if admission is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid token",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return admission
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        healthy, reason = chat.health()
+        if healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @app.get("/stats", dependencies=[Depends(access)])
+    async def stats() -> dict:
+        return chat.stats()
+
+    @app.get("/rooms", dependencies=[Depends(access)])
+    async def rooms() -> dict:
+        counts = await _broker_call(chat.rooms())
+        return {"rooms": [{"room": name, "count": count} for name, count in sorted(counts.items())]}
+
+    @app.get("/rooms/{room}/members", dependencies=[Depends(access)])
+    async def members(room: str = RoomName) -> dict:
+        ids = await _broker_call(chat.members(room))
+        return {"room": room, "members": ids, "count": len(ids)}
+
+    @app.get("/rooms/{room}/messages", dependencies=[Depends(access)])
+    async def messages(room: str = RoomName, since: int | None = Query(None, ge=0),
+                       limit: int | None = Query(None, ge=1)) -> dict:
+        return await _broker_call(chat.history_page(room, since=since, limit=limit))
+
+    @app.post("/rooms/{room}/messages", status_code=status.HTTP_201_CREATED)
+    async def post_message(body: PostedMessage, room: str = RoomName,
+                           admission: Admission = Depends(access)) -> dict:
+        sender = body.sender or admission.identity or "server"
+        if admission.identity is not None and sender != admission.identity:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, '"from" must be your own identity')
+        if utf8_length(body.text) > chat.settings.max_message_size:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                                f"text is larger than {chat.settings.max_message_size} bytes")
+        try:
+            return await _broker_call(chat.publish(room, body.text, sender=sender))
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+
+
+async def _broker_call(awaitable: Awaitable[Any]) -> Any:
+    try:
+        return await awaitable
+    except BrokerUnavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"broker unavailable: {exc}") from None
+
+
+def _add_websocket_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) -> None:
+    async def session(websocket: WebSocket, admission: Admission | None, handle: Callable[[Connection, str], Any],
+                      **where: Any) -> None:
+        """Admit, connect, feed every accepted frame to ``handle``, always clean up."""
+        if admission is None:
+            await websocket.close(WS_1008_POLICY_VIOLATION, "not allowed")
+            return
+        client_id = where.pop("client_id", None)
+        if client_id is not None and not valid_client_id(client_id):
+            await websocket.close(WS_1008_POLICY_VIOLATION, "invalid client id")
+            return
+        conn = await chat.connect(websocket, client_id=client_id, credential=admission.credential, **where)
+        if conn is None:
+            return
+        try:
+            async for frame in chat.frames(conn):
+                result = handle(conn, frame)
+                if result is not None:
+                    await result
+        finally:
+            chat.disconnect(conn)
+
+    @app.websocket("/ws")
+    async def echo(websocket: WebSocket) -> None:
+        await session(websocket, await gate.admit(websocket),
+                      lambda conn, frame: conn.push(f"Message text was: {frame}"))
+
+    @app.websocket("/ws/{client_id}")
+    async def lobby(websocket: WebSocket, client_id: str) -> None:
+        admission = await gate.admit(websocket)
+        await session(websocket, admission, chat.handle_text, room=LOBBY, view=TEXT_VIEW,
+                      client_id=admission.identity or client_id if admission else None)
+
+    @app.websocket("/items/{item_id}/ws")
+    async def item(websocket: WebSocket, item_id: str, q: int | None = None) -> None:
+        def reply(conn: Connection, frame: str) -> None:
+            conn.push(f"Session cookie or query token value is: {conn.credential}")
+            if q is not None:
+                conn.push(f"Query parameter q is: {q}")
+            conn.push(f"Message text was: {frame}, for item ID: {item_id}")
+
+        await session(websocket, await gate.admit(websocket, credential_required=True), reply)
+
+    @app.websocket("/rooms/{room}/ws")
+    async def room_chat(websocket: WebSocket, room: str = RoomName, client_id: str | None = None,
+                        since: int | None = Query(None, ge=0), epoch: str | None = None) -> None:
+        admission = await gate.admit(websocket)
+        await session(websocket, admission, chat.handle_frame, room=room, since=since, epoch=epoch,
+                      client_id=(admission.identity or client_id) if admission else None)
+
+
+# ---------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>wschat</title>
+<style>
+  :root { color-scheme: light dark; --accent: #2563eb; --muted: #6b7280; --line: #d1d5db; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+         display: flex; flex-direction: column; height: 100vh; height: 100dvh; }
+  header { display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; padding: .6rem 1rem;
+           border-bottom: 1px solid var(--line); }
+  h1 { font-size: 1.2rem; margin: 0; }
+  #status { margin: 0; color: var(--muted); font-size: .95rem; }
+  #status[data-state="open"] { color: #15803d; }
+  #status[data-state="retry"] { color: #b45309; }
+  #status[data-state="error"] { color: #b91c1c; }
+  form { margin: 0; }
+  #settings { display: flex; flex-wrap: wrap; gap: .5rem .9rem; align-items: end; padding: .6rem 1rem;
+              border-bottom: 1px solid var(--line); }
+  .field { display: flex; flex-direction: column; gap: .15rem; font-size: .85rem; color: var(--muted); }
+  .field[hidden] { display: none; }
+  input, select, button { font: inherit; padding: .4rem .55rem; border: 1px solid var(--line);
+                          border-radius: .4rem; min-width: 0; }
+  input { width: 11rem; }
+  button { background: var(--accent); color: #fff; border-color: var(--accent); cursor: pointer; }
+  button[hidden] { display: none; }
+  button.secondary { background: transparent; color: inherit; border-color: var(--line); }
+  main { flex: 1; display: grid; grid-template-columns: 1fr 14rem; min-height: 0; }
+  #messages { list-style: none; margin: 0; padding: .6rem 1rem; overflow-y: auto; min-height: 0; }
+  #messages li { padding: .2rem 0; overflow-wrap: anywhere; white-space: pre-wrap; }
+  #messages .meta { color: var(--muted); font-size: .8rem; margin-right: .4rem; }
+  #messages .from { font-weight: 600; margin-right: .35rem; }
+  #messages .notice { color: var(--muted); font-style: italic; }
+  #messages .error { color: #b91c1c; }
+  aside { border-left: 1px solid var(--line); padding: .6rem 1rem; overflow-y: auto; min-height: 0; }
+  aside h2 { font-size: .95rem; margin: 0 0 .4rem; }
+  #members { list-style: none; margin: 0; padding: 0; }
+  #members li { padding: .1rem 0; overflow-wrap: anywhere; }
+  #composer { display: flex; gap: .5rem; padding: .6rem 1rem; border-top: 1px solid var(--line); }
+  #composer .field { flex: 1; }
+  #composer input { width: 100%; }
+  @media (max-width: 640px) {
+    main { grid-template-columns: 1fr; grid-template-rows: 1fr auto; }
+    aside { border-left: 0; border-top: 1px solid var(--line); max-height: 7rem; }
+    input { width: 8.5rem; }
+  }
+</style>
+</head>
+<body>
+<header>
+  <h1>wschat</h1>
+  <p id="status" role="status" aria-live="polite" data-state="closed">Disconnected</p>
+</header>
+<form id="settings" autocomplete="off">
+  <div class="field"><label for="mode">Mode</label>
+    <select id="mode"><option value="room">room</option><option value="lobby">lobby</option>
+    <option value="item">item</option></select></div>
+  <div class="field" data-modes="room"><label for="room">Room</label>
+    <input id="room" value="general" maxlength="64" spellcheck="false"></div>
+  <div class="field" data-modes="room lobby"><label for="name">Name</label>
+    <input id="name" maxlength="64" spellcheck="false" placeholder="optional in a room"></div>
+  <div class="field" data-modes="item" hidden><label for="item">Item ID</label>
+    <input id="item" value="foo" spellcheck="false"></div>
+  <div class="field"><label for="token">Token</label>
+    <input id="token" type="password" spellcheck="false"></div>
+  <button id="connect" type="submit">Connect</button>
+  <button id="disconnect" type="button" class="secondary" hidden>Disconnect</button>
+</form>
+<main>
+  <ul id="messages" aria-label="Messages"></ul>
+  <aside id="member-panel">
+    <h2 id="members-title">Members</h2>
+    <ul id="members" aria-label="Members"></ul>
+  </aside>
+</main>
+<form id="composer" autocomplete="off">
+  <div class="field"><label for="message">Message</label>
+    <input id="message" placeholder="Type and press Enter (/msg name text for a direct message)" disabled></div>
+  <button id="send" type="submit" disabled>Send</button>
+</form>
+<script>
+(function () {
+  "use strict";
+  var $ = function (id) { return document.getElementById(id); };
+  var ROOM_NAME = /^[A-Za-z0-9_.\\-]{1,64}$/;
+  var ws = null, wanted = false, attempt = 0, retryTimer = null, pingTimer = null;
+  var lastId = null, epoch = null, roomKey = null, members = new Set();
+
+  function setStatus(text, state) { $("status").textContent = text; $("status").dataset.state = state; }
+
+  function addLine(parts, cls) {
+    var list = $("messages"), li = document.createElement("li");
+    if (cls) li.className = cls;
+    parts.forEach(function (part) {
+      var span = document.createElement("span");
+      if (part[1]) span.className = part[1];
+      span.textContent = part[0];            // untrusted text is only ever text
+      li.appendChild(span);
+    });
+    var atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    list.appendChild(li);
+    if (atBottom || cls !== "incoming") list.scrollTop = list.scrollHeight;
+  }
+  function notice(text, cls) { addLine([[text]], cls || "notice"); }
+
+  function renderMembers(count) {
+    var list = $("members");
+    list.replaceChildren();
+    Array.from(members).sort().forEach(function (id) {
+      var li = document.createElement("li"); li.textContent = id; list.appendChild(li);
+    });
+    $("members-title").textContent = "Members (" + (count === undefined ? members.size : count) + ")";
+  }
+
+  function appBase() {               // the page is served at the app's root, under any prefix
+    var path = location.pathname;
+    return path.endsWith("/") ? path : path + "/";
+  }
+  function socketUrl(path, params) {
+    var query = new URLSearchParams();
+    Object.keys(params).forEach(function (key) { if (params[key] !== null && params[key] !== "") query.set(key, params[key]); });
+    var qs = query.toString();
+    return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + appBase() + path + (qs ? "?" + qs : "");
+  }
+
+  function mode() { return $("mode").value; }
+  function showFields() {
+    document.querySelectorAll("[data-modes]").forEach(function (el) {
+      el.hidden = el.dataset.modes.split(" ").indexOf(mode()) < 0;
+    });
+    $("member-panel").hidden = mode() !== "room";
+  }
+
+  function target() {
+    var token = $("token").value, name = $("name").value.trim();
+    if (mode() === "room") {
+      var room = $("room").value.trim();
+      if (!ROOM_NAME.test(room)) throw new Error("Room names are 1-64 of A-Z a-z 0-9 _ . -");
+      var key = room + "\\u0000" + name;
+      if (key !== roomKey) { roomKey = key; lastId = null; epoch = null; }
+      var params = {client_id: name, token: token};
+      if (lastId !== null) { params.since = lastId; params.epoch = epoch; }
+      return socketUrl("rooms/" + encodeURIComponent(room) + "/ws", params);
+    }
+    if (mode() === "lobby") {
+      if (!name) throw new Error("The lobby needs a name");
+      return socketUrl("ws/" + encodeURIComponent(name), {token: token});
+    }
+    var item = $("item").value.trim();
+    if (!item) throw new Error("Item mode needs an item ID");
+    return socketUrl("items/" + encodeURIComponent(item) + "/ws", {token: token});
+  }
+
+  function setConnected(open) {
+    $("message").disabled = $("send").disabled = !open;
+    if (open) $("message").focus();
+  }
+  function setWanted(on) {
+    wanted = on;
+    $("connect").hidden = on; $("disconnect").hidden = !on;
+    ["mode", "room", "name", "item", "token"].forEach(function (id) { $(id).disabled = on; });
+  }
+
+  function open() {
+    var url;
+    try { url = target(); } catch (err) { setStatus(err.message, "error"); setWanted(false); return; }
+    setStatus(attempt ? "Reconnecting\\u2026" : "Connecting\\u2026", attempt ? "retry" : "closed");
+    var socket = ws = new WebSocket(url);
+    socket.onopen = function () {
+      if (mode() !== "room") { setStatus("Connected (" + mode() + ")", "open"); attempt = 0; setConnected(true); }
+    };
+    socket.onmessage = function (event) {
+      if (socket !== ws) return;
+      if (mode() === "room") onRoomFrame(event.data); else addLine([[event.data]], "incoming");
+    };
+    socket.onclose = function (event) {
+      if (socket !== ws) return;
+      ws = null; clearInterval(pingTimer); setConnected(false);
+      var why = "code " + event.code + (event.reason ? ", " + event.reason : "");
+      var fatal = [1003, 1008, 1009].indexOf(event.code) >= 0;
+      if (wanted && mode() === "room" && !fatal) {
+        var delay = Math.min(15000, 500 * Math.pow(2, attempt)) * (0.5 + Math.random() / 2);
+        attempt += 1;
+        setStatus("Connection lost (" + why + "). Reconnecting in " + (delay / 1000).toFixed(1) + " s\\u2026", "retry");
+        retryTimer = setTimeout(open, delay);
+      } else {
+        setWanted(false);
+        setStatus("Disconnected (" + why + ")", fatal ? "error" : "closed");
+      }
+    };
+  }
+
+  function onRoomFrame(data) {
+    var frame;
+    try { frame = JSON.parse(data); } catch (err) { return; }
+    if (frame.type === "welcome") {
+      if (epoch !== null && frame.epoch !== epoch) { lastId = null; notice("The room's history restarted on the server."); }
+      else if (frame.recovered === false) notice("Some messages may have been missed while disconnected.");
+      epoch = frame.epoch; attempt = 0;
+      members = new Set(frame.members); renderMembers(frame.count);
+      setStatus("Connected to " + frame.room + " as " + frame.client_id, "open");
+      setConnected(true);
+      clearInterval(pingTimer);
+      var every = frame.timeout > 0 ? Math.max(1000, Math.min(25000, frame.timeout * 1000 / 3)) : 25000;
+      pingTimer = setInterval(function () { if (ws) ws.send('{"type":"ping"}'); }, every);
+    } else if (frame.type === "message") {
+      if (typeof frame.id === "number") {
+        if (lastId !== null && frame.id <= lastId) return;     // already shown
+        lastId = frame.id;
+      }
+      var when = new Date(frame.ts * 1000).toLocaleTimeString();
+      var who = frame.to ? frame.from + " \\u2192 " + frame.to + ":" : frame.from + ":";
+      addLine([[when, "meta"], [who, "from"], [frame.text]], "incoming");
+    } else if (frame.type === "presence") {
+      frame.joined.forEach(function (id) { members.add(id); });
+      frame.left.forEach(function (id) { members.delete(id); });
+      renderMembers(frame.count);
+    } else if (frame.type === "error") {
+      addLine([["Error: " + frame.error]], "error");
+    }
+  }
+
+  $("mode").addEventListener("change", showFields);
+  $("settings").addEventListener("submit", function (event) {
+    event.preventDefault();
+    if (ws) return;
+    $("messages").replaceChildren(); members.clear(); renderMembers(0);
+    attempt = 0; setWanted(true); open();
+  });
+  $("disconnect").addEventListener("click", function () {
+    setWanted(false); clearTimeout(retryTimer); clearInterval(pingTimer);
+    if (ws) ws.close(1000); else setStatus("Disconnected", "closed");
+  });
+  $("composer").addEventListener("submit", function (event) {
+    event.preventDefault();
+    var input = $("message"), text = input.value;
+    if (!ws || ws.readyState !== WebSocket.OPEN || !text) return;
+    if (mode() === "room") {
+      var direct = /^\\/msg\\s+(\\S+)\\s+([\\s\\S]+)$/.exec(text);
+      ws.send(JSON.stringify(direct ? {type: "message", to: direct[1], text: direct[2]} : {type: "message", text: text}));
+    } else {
+      ws.send(text);
+    }
+    input.value = ""; input.focus();
+  });
+  $("name").value = "guest" + Math.floor(Math.random() * 9000 + 1000);
+  showFields(); renderMembers(0);
+})();
+</script>
+</body>
+</html>
+"""
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+def _split_commas(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeatable options also take comma-separated lists (that is how env variables carry them)."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+def _option(*names: str, env: str, **kwargs: Any) -> Callable:
+    return click.option(*names, envvar=f"WSCHAT_{env}", show_envvar=True, show_default=True, **kwargs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wschat")
+def main() -> None:
+    """wschat: an embeddable WebSocket chat microservice (rooms, presence, history, push)."""
+
+
+@main.command()
+@_option("--host", env="HOST", default="127.0.0.1", help="Interface to bind; 0.0.0.0 for all.")
+@_option("--port", env="PORT", default=8000, type=int, help="TCP port.")
+@_option("--timeout", env="TIMEOUT", default=300.0, type=float,
+         help="Close a connection silent this many seconds (1000 'Session timeout'); 0 disables.")
+@_option("--broker", env="BROKER", default="memory://",
+         help="memory:// (one process) or redis://host:port/db (needs wschat[redis]).")
+@_option("--token", "tokens", env="TOKENS", multiple=True, callback=_split_commas,
+         help="Require this token on WebSockets and POST (repeatable; env: comma-separated). "
+              "None: open demo mode.")
+@_option("--allowed-origin", "allowed_origins", env="ALLOWED_ORIGIN", multiple=True, callback=_split_commas,
+         help="Origin allowed to open WebSockets (repeatable, '*' for any). Default: same origin only.")
+@_option("--history", env="HISTORY", default=100, type=int, help="Messages kept per room; 0 keeps none.")
+@_option("--max-message-size", env="MAX_MESSAGE_SIZE", default=65536, type=int,
+         help="Largest frame in bytes; bigger closes with 1009.")
+@_option("--rate", env="RATE", default=20.0, type=float,
+         help="Messages per second per connection (burst 2x); 0 disables.")
+@_option("--max-connections", env="MAX_CONNECTIONS", default=10000, type=int,
+         help="Connections per process; more are refused with 1013.")
+@_option("--send-queue", env="SEND_QUEUE", default=1024, type=int,
+         help="Frames queued per client before it counts as slow and is closed with 1013.")
+@_option("--workers", env="WORKERS", default=1, type=int, help="Worker processes; more than 1 needs a Redis broker.")
+@_option("--log-level", env="LOG_LEVEL", default="info", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+         help="Log level.")
+@_option("--root-path", env="ROOT_PATH", default="", help="Path prefix when served behind a proxy, e.g. /chat.")
+def serve(**options: Any) -> None:
+    """Serve the chat: the page at /, WebSockets and the HTTP API."""
+    try:
+        settings = Settings(**options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if settings.workers > 1 and urlsplit(settings.broker).scheme == "memory":
+        raise click.UsageError("--workers above 1 needs a shared broker: add --broker redis://host:6379/0")
+    app = create_app(**asdict(settings))
+    if app.state.gatekeeper.demo_mode and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        click.secho(f"warning: demo mode (no --token) on {settings.host}: anyone who can reach this port can chat",
+                    fg="yellow", err=True)
+    _run(app, settings)
+
+
+def _run(app: FastAPI, settings: Settings) -> None:
+    import uvicorn  # only the CLI needs the server
+
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    click.echo(f"wschat {__version__}: open http://{host}:{settings.port}{settings.root_path}/ in a browser")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                root_path=settings.root_path, ws_max_size=settings.max_message_size,
+                ws_per_message_deflate=False, timeout_graceful_shutdown=5, log_config=_log_config())
+
+
+def _log_config() -> dict:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact": {"()": _RedactSecrets}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact"]
+    config["loggers"]["wschat"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+if __name__ == "__main__":
+    main()
