@@ -424,14 +424,16 @@ class Connection:
 class Room:
     """This process's view of one room: its connections by view and by client id."""
 
-    __slots__ = ("name", "json", "text", "syncing", "clients", "changes", "flush_timer")
+    __slots__ = ("name", "json", "text", "syncing", "clients", "joined", "changes", "flush_timer", "subscribed")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, subscribed: asyncio.Future) -> None:
         self.name = name
+        self.subscribed = subscribed                 # the broker's subscription, shared by entrants
         self.json: dict[Connection, None] = {}       # room-protocol connections, live
         self.text: dict[Connection, None] = {}       # lobby text view
         self.syncing: dict[Connection, list[tuple[int | None, str]]] = {}  # awaiting history
         self.clients: dict[str, list[Connection]] = {}
+        self.joined: set[str] = set()                # client ids announced to the broker
         self.changes: dict[str, bool] = {}           # presence not yet announced: id -> joined
         self.flush_timer: asyncio.TimerHandle | None = None
 
@@ -601,17 +603,18 @@ class ConnectionManager:
         assert name is not None
         room = self._rooms.get(name)
         if room is None:
-            room = self._rooms[name] = Room(name)
+            # Subscribe before reading history, so no message falls between the two.
+            room = self._rooms[name] = Room(name, asyncio.ensure_future(self.broker.subscribe(name)))
         conn._in_room = True
-        clients = room.clients.setdefault(conn.client_id, [])
-        clients.append(conn)
+        room.clients.setdefault(conn.client_id, []).append(conn)
         if conn.view == TEXT_VIEW:
             room.text[conn] = None
         else:
             room.syncing[conn] = []
         try:
-            await self.broker.subscribe(name)
-            if len(clients) == 1:
+            await asyncio.shield(room.subscribed)
+            if conn.client_id not in room.joined and conn._in_room:
+                room.joined.add(conn.client_id)
                 self.broker.join(name, conn.client_id)
             if conn.view == JSON_VIEW:
                 await self._welcome(room, conn, since, epoch)
@@ -651,12 +654,29 @@ class ConnectionManager:
         clients.remove(conn)
         if not clients:
             del room.clients[conn.client_id]
-            self.broker.leave(room.name, conn.client_id)
-        self.broker.unsubscribe(room.name)
+            if conn.client_id in room.joined:
+                room.joined.discard(conn.client_id)
+                self.broker.leave(room.name, conn.client_id)
         if not room.clients:
             if room.flush_timer is not None:
                 room.flush_timer.cancel()
             del self._rooms[room.name]
+            room.subscribed.add_done_callback(lambda subscribed: self._unsubscribe(room.name, subscribed))
+
+    def _unsubscribe(self, name: str, subscribed: asyncio.Future) -> None:
+        if not subscribed.cancelled() and subscribed.exception() is None and name not in self._rooms:
+            self.broker.unsubscribe(name)
+
+    def local_members(self) -> dict[str, list[str]]:
+        """Client ids connected to this process, per room (the Redis broker's heartbeat)."""
+        return {name: list(room.clients) for name, room in self._rooms.items()}
+
+    def resync(self, room_name: str) -> None:
+        """The broker may have missed messages: ask room-protocol clients to reconnect with ``since``."""
+        room = self._rooms.get(room_name)
+        if room is not None:
+            for conn in [*room.json, *room.syncing]:
+                conn.close(status.WS_1012_SERVICE_RESTART, "broker reconnected; reconnect with since to resume")
 
     # -- delivery (called by the broker) -------------------------------------
 
@@ -992,10 +1012,422 @@ class MemoryBroker:
 
 
 class RedisBroker:
-    """Placeholder until the Redis broker lands: refuses clearly instead of half-working."""
+    """Rooms shared by every process on one Redis: pub/sub fan-out, ids, history, presence.
 
-    def __init__(self, url: str, *, history: int = 100) -> None:
-        raise ValueError(f"the Redis broker is not available yet; use memory:// (got {mask_url(url)})")
+    Keys, for room R (all under ``wschat:``):
+
+    * ``room:R`` hash: ``id``, the last message id (HINCRBY), and ``epoch``;
+    * ``room:R:history`` list: the last ``history`` frames, appended in the same Lua
+      script that takes the id and publishes, so ids, history and fan-out agree;
+    * ``room:R:members`` sorted set of ``"NODE CLIENT_ID"`` scored by expiry time,
+      refreshed by each process's heartbeat; a crashed process's members expire;
+    * ``rooms`` sorted set of room names scored by expiry time.
+
+    Channels: ``wschat:room:R`` carries the room's messages, direct messages and
+    presence; ``wschat:nodes`` carries direct messages sent without a room. Each
+    process holds one pub/sub connection, subscribed to a room only while it has
+    members there. When that connection is lost the broker reconnects with backoff,
+    resubscribes, and asks its room clients to reconnect with ``since``, because
+    messages published meanwhile never reached it.
+    """
+
+    PREFIX = "wschat:"
+    NODES_CHANNEL = "wschat:nodes"
+    PUBLISH_SCRIPT = """
+        redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+        local id = redis.call('HINCRBY', KEYS[1], 'id', 1)
+        if id == 1 then redis.call('DEL', KEYS[2]) end
+        local frame = ARGV[2] .. id .. ARGV[3]
+        local keep = tonumber(ARGV[4])
+        if keep > 0 then
+            redis.call('RPUSH', KEYS[2], frame)
+            redis.call('LTRIM', KEYS[2], -keep, -1)
+        end
+        redis.call('PUBLISH', ARGV[5], 'm' .. frame)
+        return id
+    """
+
+    def __init__(self, url: str, *, history: int = 100, presence_ttl: float | None = None) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError:
+            raise RuntimeError("the Redis broker needs the redis package: pip install 'wschat[redis]'") from None
+        self.url = url
+        self._aioredis = aioredis
+        self._redis_url, url_ttl = _split_presence_ttl(url)
+        self.presence_ttl = presence_ttl or url_ttl or 15.0
+        self._history = history
+        self._node = secrets.token_hex(6)
+        self._manager: ConnectionManager | None = None
+        self._client: Any = None
+        self._pubsub: Any = None
+        self._script: Any = None
+        self._tasks: set[asyncio.Task] = set()
+        self._commands: asyncio.Queue[tuple[str, str, str]] | None = None
+        self._subscription_lock: asyncio.Lock | None = None
+        self._subscribed: set[str] = set()
+        self._confirmations: dict[str, asyncio.Future] = {}
+        self._view: dict[str, dict[str, set[str]]] = {}      # room -> client id -> nodes
+        self._listening = False          # the pub/sub connection is up and subscribed
+        self._lost = False               # it went down since: rooms need a resync
+        self._error: str | None = None   # the last command's failure, until one succeeds
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _new_client(self) -> Any:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # Fail fast (one retry covers a pooled connection that went stale) and let the
+        # broker decide: callers get an error frame, not a hang.
+        return self._aioredis.Redis.from_url(self._redis_url, decode_responses=True, retry=Retry(NoBackoff(), 1),
+                                             socket_connect_timeout=2, socket_timeout=5)
+
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable unless Redis answers now (``serve`` checks this before starting)."""
+        client = self._new_client()
+        try:
+            await asyncio.wait_for(client.ping(), 5)
+        except Exception as exc:
+            raise BrokerUnavailable(_describe_error(exc)) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def start(self, manager: ConnectionManager) -> None:
+        self._manager = manager
+        self._client = self._new_client()
+        self._script = self._client.register_script(self.PUBLISH_SCRIPT)
+        self._commands = asyncio.Queue()
+        self._subscription_lock = asyncio.Lock()
+        for job in (self._listen(), self._run_commands(), self._heartbeat()):
+            task = asyncio.ensure_future(job)
+            self._tasks.add(task)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(Exception):   # best effort: others would expire us anyway
+            await asyncio.wait_for(self._withdraw_members(), 2)
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+    async def _withdraw_members(self) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for room, client_ids in self._manager.local_members().items():  # type: ignore[union-attr]
+            for client_id in client_ids:
+                pipe.zrem(self._key(room, "members"), f"{self._node} {client_id}")
+                pipe.publish(self._channel(room), f"p-{self._node} {client_id}")
+        await pipe.execute()
+
+    def health(self) -> tuple[bool, str]:
+        if self._error is not None:
+            return False, self._error
+        if not self._listening:
+            return False, "redis unreachable: reconnecting" if self._lost else "connecting to redis"
+        return True, "ok"
+
+    def _failed(self, exc: BaseException) -> BrokerUnavailable:
+        reason = _describe_error(exc)
+        if self._error is None:
+            logger.warning("redis broker %s unreachable: %s", mask_url(self.url), reason)
+        self._error = f"redis unreachable: {reason}"
+        return BrokerUnavailable(reason)
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            result = await awaitable
+        except (OSError, asyncio.TimeoutError, self._aioredis.RedisError) as exc:
+            raise self._failed(exc) from None
+        self._error = None
+        return result
+
+    # -- names ---------------------------------------------------------------
+
+    def _key(self, room: str, *part: str) -> str:
+        return ":".join((f"{self.PREFIX}room", room, *part))
+
+    def _channel(self, room: str) -> str:
+        return f"{self.PREFIX}room:{room}"
+
+    # -- messages ------------------------------------------------------------
+
+    async def publish(self, room: str, sender: str, text: str) -> dict:
+        message = message_event(room, 0, sender, text)
+        body = {key: value for key, value in message.items() if key not in ("type", "id")}
+        head, tail = '{"type":"message","id":', "," + encode(body)[1:]
+        message_id = await self._call(self._script(
+            keys=[self._key(room), self._key(room, "history")],
+            args=[secrets.token_hex(6), head, tail, self._history, self._channel(room)]))
+        message["id"] = int(message_id)
+        return message
+
+    async def direct(self, room: str | None, message: dict) -> None:
+        channel = self._channel(room) if room else self.NODES_CHANNEL
+        await self._call(self._client.publish(channel, "d" + encode(message)))
+
+    async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
+        pipe = self._client.pipeline(transaction=True)
+        if room in self._subscribed:        # a joining client: fix the epoch it will resume from
+            pipe.hsetnx(self._key(room), "epoch", secrets.token_hex(6))
+        pipe.hmget(self._key(room), "epoch", "id")
+        pipe.lrange(self._key(room, "history"), 0, -1)
+        *_, (epoch, last_id), frames = await self._call(pipe.execute())
+        return epoch or "", int(last_id or 0), [(json.loads(frame), frame) for frame in frames]
+
+    # -- subscriptions and the listener ---------------------------------------
+
+    async def subscribe(self, room: str) -> None:
+        async with self._subscription_lock:  # type: ignore[union-attr]
+            if room in self._subscribed:
+                return
+            if self._pubsub is None:
+                raise BrokerUnavailable(self.health()[1])
+            channel = self._channel(room)
+            confirmed = self._confirmations[channel] = asyncio.get_running_loop().create_future()
+            self._view[room] = {}
+            try:
+                await self._call(self._pubsub.subscribe(channel))
+                await self._call(asyncio.wait_for(asyncio.shield(confirmed), 5))
+                self._subscribed.add(room)
+            finally:
+                self._confirmations.pop(channel, None)
+                if room not in self._subscribed:
+                    self._view.pop(room, None)
+        await self._load_members(room)
+
+    def unsubscribe(self, room: str) -> None:
+        self._spawn(self._unsubscribe(room))
+
+    async def _unsubscribe(self, room: str) -> None:
+        async with self._subscription_lock:  # type: ignore[union-attr]
+            if room not in self._subscribed or room in self._manager.local_members():  # type: ignore[union-attr]
+                return
+            self._subscribed.discard(room)
+            self._view.pop(room, None)
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(self._channel(room))
+
+    def _spawn(self, job: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _listen(self) -> None:
+        """Hold the pub/sub connection: reconnect with backoff, resubscribe, resync rooms."""
+        backoff = 0.1
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self.NODES_CHANNEL, *(self._channel(room) for room in self._subscribed))
+                self._pubsub = pubsub
+                while True:
+                    # A bounded wait: a blocking read would trip the socket timeout when idle.
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["channel"] == self.NODES_CHANNEL and message["type"] == "subscribe":
+                        self._connected()
+                        backoff = 0.1
+                    self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(exc)
+                self._lost = self._lost or self._listening
+                self._listening = False
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _connected(self) -> None:
+        self._listening = True
+        self._error = None
+        if self._lost:
+            # Messages published while we were away never reached us: clients resume with since.
+            self._lost = False
+            logger.warning("redis broker %s reachable again", mask_url(self.url))
+            for room in list(self._subscribed):
+                self._manager.resync(room)  # type: ignore[union-attr]
+            self._spawn(self._refresh_presence())
+
+    def _dispatch(self, message: dict) -> None:
+        kind, channel = message["type"], message["channel"]
+        if kind == "subscribe":
+            confirmed = self._confirmations.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            return
+        if kind != "message":
+            return
+        data = message["data"]
+        room = channel[len(self.PREFIX) + 5:] if channel != self.NODES_CHANNEL else None
+        tag, body = data[:1], data[1:]
+        if tag == "m" and room is not None:
+            self._manager.deliver(room, json.loads(body), body)  # type: ignore[union-attr]
+        elif tag == "d":
+            self._manager.deliver_direct(room, json.loads(body))  # type: ignore[union-attr]
+        elif tag == "p" and room is not None:
+            node, _, client_id = body[1:].partition(" ")
+            if node != self._node:
+                self._apply_presence(room, node, client_id, body[:1] == "+")
+
+    # -- presence --------------------------------------------------------------
+
+    def join(self, room: str, client_id: str) -> None:
+        self._apply_presence(room, self._node, client_id, True)
+        self._commands.put_nowait(("join", room, client_id))  # type: ignore[union-attr]
+
+    def leave(self, room: str, client_id: str) -> None:
+        self._apply_presence(room, self._node, client_id, False)
+        self._commands.put_nowait(("leave", room, client_id))  # type: ignore[union-attr]
+
+    def _apply_presence(self, room: str, node: str, client_id: str, joined: bool) -> None:
+        """Update the room's view; tell the manager when a client id appears or disappears."""
+        members = self._view.get(room)
+        if members is None:
+            return
+        nodes = members.get(client_id)
+        if joined:
+            if nodes is None:
+                members[client_id] = {node}
+                self._manager.presence_changed(room, client_id, True)  # type: ignore[union-attr]
+            else:
+                nodes.add(node)
+        elif nodes is not None and node in nodes:
+            nodes.discard(node)
+            if not nodes:
+                del members[client_id]
+                self._manager.presence_changed(room, client_id, False)  # type: ignore[union-attr]
+
+    async def _run_commands(self) -> None:
+        """Write joins and leaves in order, batching what queued up meanwhile (a join storm)."""
+        assert self._commands is not None
+        while True:
+            batch = [await self._commands.get()]
+            while not self._commands.empty() and len(batch) < 500:
+                batch.append(self._commands.get_nowait())
+            pipe = self._client.pipeline(transaction=False)
+            expiry = time.time() + self.presence_ttl
+            for action, room, client_id in batch:
+                member = f"{self._node} {client_id}"
+                if action == "join":
+                    pipe.zadd(self._key(room, "members"), {member: expiry})
+                    pipe.expire(self._key(room, "members"), int(self.presence_ttl * 2) + 1)
+                    pipe.zadd(f"{self.PREFIX}rooms", {room: expiry})
+                    pipe.publish(self._channel(room), f"p+{member}")
+                else:
+                    pipe.zrem(self._key(room, "members"), member)
+                    pipe.publish(self._channel(room), f"p-{member}")
+            with contextlib.suppress(BrokerUnavailable):   # the heartbeat rewrites presence later
+                await self._call(pipe.execute())
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence_ttl / 3)
+            with contextlib.suppress(BrokerUnavailable):
+                await self._refresh_presence()
+
+    async def _refresh_presence(self) -> None:
+        """Renew this process's members, expire the dead, and reconcile room views with Redis."""
+        now = time.time()
+        expiry = now + self.presence_ttl
+        renew = self._client.pipeline(transaction=False)
+        for room, client_ids in self._manager.local_members().items():  # type: ignore[union-attr]
+            renew.zadd(self._key(room, "members"), {f"{self._node} {c}": expiry for c in client_ids})
+            renew.expire(self._key(room, "members"), int(self.presence_ttl * 2) + 1)
+            renew.zadd(f"{self.PREFIX}rooms", {room: expiry})
+        renew.zremrangebyscore(f"{self.PREFIX}rooms", "-inf", now)
+        await self._call(renew.execute())
+        rooms = list(self._subscribed)
+        read = self._client.pipeline(transaction=False)
+        for room in rooms:
+            read.zrangebyscore(self._key(room, "members"), now, "+inf")
+            read.zremrangebyscore(self._key(room, "members"), "-inf", now)
+        results = await self._call(read.execute())
+        for room, entries in zip(rooms, results[::2]):
+            self._reconcile(room, entries)
+
+    def _reconcile(self, room: str, entries: list[str]) -> None:
+        """Other processes' members as Redis has them now; their crashed ones leave here."""
+        members = self._view.get(room)
+        if members is None:
+            return
+        alive: dict[str, set[str]] = {}
+        for entry in entries:
+            node, _, client_id = entry.partition(" ")
+            if node != self._node:
+                alive.setdefault(client_id, set()).add(node)
+        for client_id, nodes in list(members.items()):
+            for node in nodes - alive.get(client_id, set()) - {self._node}:
+                self._apply_presence(room, node, client_id, False)
+        for client_id, nodes in alive.items():
+            for node in nodes - members.get(client_id, set()):
+                self._apply_presence(room, node, client_id, True)
+
+    async def _load_members(self, room: str) -> None:
+        entries = await self._call(self._client.zrangebyscore(self._key(room, "members"), time.time(), "+inf"))
+        members = self._view.get(room)
+        if members is None:
+            return
+        for entry in entries:   # merged quietly: newcomers learn them from the welcome
+            node, _, client_id = entry.partition(" ")
+            if node != self._node:
+                members.setdefault(client_id, set()).add(node)
+
+    async def _alive_members(self, room: str) -> list[str]:
+        if room in self._subscribed:
+            return list(self._view.get(room, ()))
+        entries = await self._call(self._client.zrangebyscore(self._key(room, "members"), time.time(), "+inf"))
+        return list(dict.fromkeys(entry.partition(" ")[2] for entry in entries))
+
+    def count(self, room: str) -> int:
+        return len(self._view.get(room, ()))
+
+    async def roster(self, room: str, limit: int) -> tuple[list[str], int]:
+        members = await self._alive_members(room)
+        return members[:limit], len(members)
+
+    async def members(self, room: str) -> list[str]:
+        return await self._alive_members(room)
+
+    async def is_member(self, room: str, client_id: str) -> bool:
+        return client_id in await self._alive_members(room)
+
+    async def rooms(self) -> dict[str, int]:
+        now = time.time()
+        names = await self._call(self._client.zrangebyscore(f"{self.PREFIX}rooms", now, "+inf"))
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.zrangebyscore(self._key(name, "members"), now, "+inf")
+        counts = {name: len({entry.partition(" ")[2] for entry in entries})
+                  for name, entries in zip(names, await self._call(pipe.execute()))}
+        return {name: count for name, count in counts.items() if count}
+
+
+def _split_presence_ttl(url: str) -> tuple[str, float | None]:
+    """``redis://host/0?presence_ttl=5``: wschat's own option, removed before redis-py sees the URL."""
+    parts = urlsplit(url)
+    kept, ttl = [], None
+    for pair in filter(None, parts.query.split("&")):
+        key, _, value = pair.partition("=")
+        if key == "presence_ttl":
+            ttl = float(value)
+            _require(ttl > 0, "presence_ttl", value, "more than 0 seconds")
+        else:
+            kept.append(pair)
+    return urlunsplit(parts._replace(query="&".join(kept))), ttl
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return _RedactSecrets()._redact(text.splitlines()[0])[:200]
 
 
 # ---------------------------------------------------------------------------
@@ -1585,11 +2017,24 @@ def serve(**options: Any) -> None:
         raise click.UsageError(str(exc)) from None
     if settings.workers > 1 and urlsplit(settings.broker).scheme == "memory":
         raise click.UsageError("--workers above 1 needs a shared broker: add --broker redis://host:6379/0")
-    app = create_app(**asdict(settings))
+    try:
+        app = create_app(**asdict(settings))
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if settings.broker != "memory://":
+        _check_broker(app.state.chat.broker)
     if app.state.gatekeeper.demo_mode and settings.host not in ("127.0.0.1", "localhost", "::1"):
         click.secho(f"warning: demo mode (no --token) on {settings.host}: anyone who can reach this port can chat",
                     fg="yellow", err=True)
     _run(app, settings)
+
+
+def _check_broker(broker: Broker) -> None:
+    """Refuse to start on a broker that does not answer: one line, credentials masked."""
+    try:
+        asyncio.run(broker.ping())  # type: ignore[attr-defined]
+    except BrokerUnavailable as exc:
+        raise click.ClickException(f"cannot reach broker {mask_url(broker.url)}: {exc}") from None
 
 
 def _run(app: FastAPI, settings: Settings) -> None:
@@ -1597,19 +2042,36 @@ def _run(app: FastAPI, settings: Settings) -> None:
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"wschat {__version__}: open http://{host}:{settings.port}{settings.root_path}/ in a browser")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                root_path=settings.root_path, ws_max_size=settings.max_message_size,
-                ws_per_message_deflate=False, timeout_graceful_shutdown=5, log_config=_log_config())
+    options = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                   root_path=settings.root_path, ws_max_size=settings.max_message_size,
+                   ws_per_message_deflate=False, timeout_graceful_shutdown=5,
+                   log_config=_log_config(settings.log_level))
+    if settings.workers > 1:
+        # Each worker process builds its own app from the same settings.
+        os.environ[_SETTINGS_VARIABLE] = json.dumps(asdict(settings))
+        module = os.path.splitext(os.path.basename(__file__))[0]
+        uvicorn.run(f"{module}:_app_from_environment", factory=True, workers=settings.workers, **options)
+    else:
+        uvicorn.run(app, **options)
 
 
-def _log_config() -> dict:
+_SETTINGS_VARIABLE = "WSCHAT_SETTINGS_JSON"
+
+
+def _app_from_environment() -> FastAPI:
+    """The app factory ``serve --workers N`` hands to uvicorn's worker processes."""
+    return create_app(**json.loads(os.environ[_SETTINGS_VARIABLE]))
+
+
+def _log_config(level: str) -> dict:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"redact": {"()": _RedactSecrets}}
     for handler in config["handlers"].values():
         handler["filters"] = ["redact"]
-    config["loggers"]["wschat"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    level = "DEBUG" if level.lower() == "trace" else level.upper()
+    config["loggers"]["wschat"] = {"handlers": ["default"], "level": level, "propagate": False}
     return config
 
 
