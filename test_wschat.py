@@ -27,12 +27,26 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any, Awaitable, Callable
+import concurrent.futures
+import itertools
+import logging
+import re
+import socket as _socket
 
 import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
+from click.testing import CliRunner
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from starlette.websockets import WebSocketDisconnect
+from urllib.parse import quote
+import httpx
+
 import wschat
+from wschat import ConnectionManager, ProtocolError, Settings, create_app, parse_client_frame, plan_replay, valid_client_id, valid_room
 
 HERE = pathlib.Path(__file__).resolve().parent
 ARTIFACTS = HERE / "test-artifacts"
@@ -335,3 +349,2716 @@ class FakeSocket:
 
     def frames(self) -> list[Any]:
         return [json.loads(frame) if frame.startswith("{") else frame for frame in self.sent]
+
+
+# ---------------------------------------------------------------------------
+# Core helpers: fake sockets with extra behaviour, TestClient frame readers
+# ---------------------------------------------------------------------------
+
+class StuckSocket(FakeSocket):
+    """A peer that stopped reading: ``send_text`` blocks until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send_text(self, data: str) -> None:
+        await self.release.wait()
+        await super().send_text(data)
+
+
+class VanishingSocket(FakeSocket):
+    """A peer that vanishes after its welcome: later sends raise, and its reader sees the disconnect."""
+
+    async def send_text(self, data: str) -> None:
+        if self.sent:
+            self.inbox.put_nowait({"type": "websocket.disconnect", "code": 1006})
+            raise ConnectionResetError("peer vanished")
+        self.sent.append(data)
+
+
+class TimedSocket(FakeSocket):
+    """Records when each frame reached the socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    async def send_text(self, data: str) -> None:
+        self.times.append(time.monotonic())
+        await super().send_text(data)
+
+
+def chat_messages(sock: FakeSocket) -> list[dict]:
+    return [f for f in sock.frames() if isinstance(f, dict) and f.get("type") == "message"]
+
+
+def presence_frames(sock: FakeSocket) -> list[dict]:
+    return [f for f in sock.frames() if isinstance(f, dict) and f.get("type") == "presence"]
+
+
+async def reader(manager: ConnectionManager, conn: Any) -> None:
+    """What a route does with a connection: feed its frames to the manager, always disconnect."""
+    try:
+        async for frame in manager.frames(conn):
+            await manager.handle_frame(conn, frame)
+    finally:
+        manager.disconnect(conn)
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Synchronous wait_for_condition, for tests that already run an event loop (Playwright's)."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {check}")
+        time.sleep(0.02)
+    return result
+
+
+def next_frame(ws: Any, kind: str) -> dict:
+    """The next JSON frame of type ``kind`` on a TestClient WebSocket, skipping presence and the like."""
+    while True:
+        frame = ws.receive_json()
+        if frame["type"] == kind:
+            return frame
+
+
+def refused_code(tc: TestClient, url: str, **kwargs: Any) -> int:
+    """The close code of a handshake the app refuses (fails the test when it is accepted)."""
+    with pytest.raises(WebSocketDisconnect) as refused:
+        with tc.websocket_connect(url, **kwargs) as ws:
+            ws.receive_text()
+    return refused.value.code
+
+
+def post(tc: TestClient, room: str, text: str, **body: Any) -> dict:
+    response = tc.post(f"/rooms/{room}/messages", json={"text": text, **body})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def room_url(server: Any, room: str, client_id: str | None = None, **query: Any) -> str:
+    params = {"client_id": client_id, **query} if client_id else query
+    qs = "&".join(f"{key}={value}" for key, value in params.items())
+    return f"{server.ws_url}/rooms/{room}/ws" + (f"?{qs}" if qs else "")
+
+
+# ---- Shape: repository, dependencies, import ----
+
+def test_shape_repository_has_the_documented_top_level():
+    """The repository holds wschat.py, test_wschat.py, pyproject.toml, README.md, .ci/run and bench/."""
+    for name in ("wschat.py", "test_wschat.py", "pyproject.toml", "README.md", ".ci/run"):
+        assert (HERE / name).is_file(), f"{name} is missing"
+    assert (HERE / "bench").is_dir()
+
+
+def test_shape_dependencies_are_fastapi_uvicorn_click_with_redis_extra():
+    """Runtime deps are fastapi, uvicorn[standard], click; redis is an extra; Python 3.10+; `wschat` script."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ ;]", dep)[0] for dep in project["dependencies"]}
+    assert names == {"fastapi", "uvicorn[standard]", "click"}
+    assert any(dep.startswith("redis") for dep in project["optional-dependencies"]["redis"])
+    assert project["requires-python"] == ">=3.10"
+    assert project["scripts"]["wschat"] == "wschat:main"
+
+
+IMPORT_PROBE = r"""
+import gc, json, os, socket, sys, threading
+events = []
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if (mode and any(c in mode for c in "wax+")) or (mode is None and isinstance(flags, int) and flags & WRITE):
+            events.append(f"open {path} {mode}")
+    elif event.startswith(("socket.", "subprocess.", "os.fork", "os.system", "os.posix_spawn")):
+        events.append(event)
+sys.addaudithook(hook)
+import wschat
+import asyncio
+loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]
+sockets = [o for o in gc.get_objects() if isinstance(o, socket.socket)]
+print(json.dumps({"events": events, "threads": [t.name for t in threading.enumerate()],
+                  "loops": len(loops), "sockets": len(sockets), "create_app": callable(wschat.create_app)}))
+"""
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """Importing wschat starts no thread, loop, server or socket and writes no file."""
+    result = subprocess.run([sys.executable, "-B", "-c", IMPORT_PROBE], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe == {"events": [], "threads": ["MainThread"], "loops": 0, "sockets": 0, "create_app": True}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_serves_without_the_redis_extra(serve, tmp_path):
+    """With `redis` not importable, `python wschat.py serve` starts and a room chat works."""
+    blocker = tmp_path / "blocked" / "redis"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('redis is not installed (test)')\n")
+    server = serve(env={"PYTHONPATH": f"{blocker.parent}{os.pathsep}{HERE}"})
+
+    async def body():
+        alice, _ = await join(room_url(server, "r", "alice"))
+        await alice.send({"type": "message", "text": "no redis needed"})
+        assert (await alice.messages(1))[0]["text"] == "no redis needed"
+        await alice.close()
+
+    run(body())
+    assert "Traceback" not in server.log
+
+
+# ---- Settings ----
+
+SPEC_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "timeout": 300, "broker": "memory://", "tokens": (),
+                 "allowed_origins": (), "history": 100, "max_message_size": 65536, "rate": 20,
+                 "max_connections": 10000, "send_queue": 1024, "workers": 1, "log_level": "info",
+                 "root_path": "", "presence_interval": 0.25}
+
+
+def test_settings_defaults_match_spec():
+    """Settings() carries the SPEC defaults of every CLI option plus presence_interval."""
+    assert {name: getattr(Settings(), name) for name in SPEC_DEFAULTS} == SPEC_DEFAULTS
+
+
+@pytest.mark.parametrize("name, value", [
+    ("port", 0), ("timeout", -1), ("history", -1), ("max_message_size", 0), ("rate", -1),
+    ("max_connections", 0), ("send_queue", 0), ("workers", 0), ("presence_interval", 0),
+    ("log_level", "loud"), ("broker", "ftp://x"), ("root_path", "chat/"),
+])
+def test_settings_bad_value_raises_value_error_naming_it(name, value):
+    """A bad setting fails at create_app() with ValueError naming the setting."""
+    with pytest.raises(ValueError, match=name):
+        create_app(**{name: value})
+
+
+def test_settings_create_app_is_keyword_only_with_one_setting_per_cli_option():
+    """create_app() works as is, takes only keywords, and has one setting per `serve` option."""
+    assert isinstance(create_app(), FastAPI)
+    with pytest.raises(TypeError):
+        create_app(100)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        create_app(no_such_setting=1)
+    options = {param.name for param in wschat.main.commands["serve"].params if param.name != "help"}
+    fields = {name for name in Settings.__dataclass_fields__}
+    assert fields == options | {"presence_interval"}
+
+
+# ---- Protocol: names, frames, replay ----
+
+@pytest.mark.parametrize("name, ok", [
+    ("general", True), ("A-Z_a.z-09", True), ("x" * 64, True), ("lobby", True),
+    ("", False), ("x" * 65, False), ("two words", False), ("a/b", False), ("café", False), ("r?x", False),
+])
+def test_protocol_valid_room(name, ok):
+    """Room names are 1-64 of A-Z a-z 0-9 _ . -"""
+    assert valid_room(name) is ok
+
+
+@pytest.mark.parametrize("client_id, ok", [
+    ("alice", True), ("Zoë Ω 🙂", True), ("x" * 64, True), ("with space", True),
+    ("", False), ("x" * 65, False), ("a\nb", False), ("a\x00", False), ("a\x7f", False),
+    ("\ud800", False), (42, False), (None, False),
+])
+def test_protocol_valid_client_id(client_id, ok):
+    """Client ids are 1-64 characters without control characters."""
+    assert valid_client_id(client_id) is ok
+
+
+@pytest.mark.parametrize("frame, kind, text, to", [
+    ('{"type": "message", "text": "hi"}', "message", "hi", None),
+    ('{"type": "message", "text": "psst", "to": "bob"}', "message", "psst", "bob"),
+    ('{"type": "ping"}', "ping", "", None),
+    ("hello there", "message", "hello there", None),
+    ("[sic]", "message", "[sic]", None),
+    ("42", "message", "42", None),
+])
+def test_protocol_parse_client_frame_accepts(frame, kind, text, to):
+    """JSON message/ping frames and bare text frames are understood."""
+    command = parse_client_frame(frame)
+    assert (command.kind, command.text, command.to) == (kind, text, to)
+
+
+@pytest.mark.parametrize("frame, reason", [
+    ("{not json", "invalid JSON"),
+    ('  {"type": "message"', "invalid JSON"),
+    ('{"text": "hi"}', "type"),
+    ('{"type": "shout", "text": "hi"}', "shout"),
+    ('{"type": "message"}', "text"),
+    ('{"type": "message", "text": 5}', "text"),
+    ('{"type": "message", "text": ""}', "text"),
+    ('{"type": "message", "text": "\\ud800"}', "text"),
+    ('{"type": "message", "text": "hi", "to": ""}', "to"),
+    ("", "text"),
+])
+def test_protocol_parse_client_frame_rejects(frame, reason):
+    """Bad frames raise ProtocolError saying what is wrong."""
+    with pytest.raises(ProtocolError, match=reason):
+        parse_client_frame(frame)
+
+
+def retained(*ids: int) -> list[tuple[dict, str]]:
+    return [({"type": "message", "id": i}, f"frame{i}") for i in ids]
+
+
+@pytest.mark.parametrize("since, epoch_matches, replayed, recovered", [
+    (None, True, [3, 4, 5], None),     # no since: everything retained, no verdict
+    (3, True, [4, 5], True),           # gap fully retained
+    (2, True, [3, 4, 5], True),        # since just before the oldest retained
+    (5, True, [], True),               # nothing missed
+    (1, True, [3, 4, 5], False),       # id 2 is no longer retained
+    (3, False, [3, 4, 5], False),      # another epoch: the id means nothing
+    (9, True, [3, 4, 5], False),       # an id from the future is stale
+])
+def test_protocol_plan_replay(since, epoch_matches, replayed, recovered):
+    """Replay exactly the missed messages when the whole gap is retained and the epoch matches."""
+    messages, verdict = plan_replay(retained(3, 4, 5), 5, since, epoch_matches)
+    assert [m["id"] for m, _ in messages] == replayed
+    assert verdict is recovered
+
+
+def test_protocol_plan_replay_with_no_history_kept():
+    """With history 0, only a client that missed nothing is told it recovered."""
+    assert plan_replay([], 7, 7, True) == ([], True)
+    assert plan_replay([], 7, 6, True) == ([], False)
+
+
+# ---- Connection manager (fake sockets) ----
+
+async def enter(manager: ConnectionManager, room: str | None, client_id: str | None,
+                sock: FakeSocket | None = None, **kwargs: Any) -> tuple[FakeSocket, Any]:
+    sock = sock or FakeSocket()
+    conn = await manager.connect(sock, client_id=client_id, room=room, **kwargs)
+    return sock, conn
+
+
+def test_manager_fans_out_every_message_once_in_order():
+    """Every member receives every message of its room exactly once, in id order."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60))
+        socks = [(await enter(manager, "r", f"u{i}"))[0] for i in range(5)]
+        outsider, _ = await enter(manager, "other", "x")
+        for i in range(30):
+            await manager.publish("r", f"m{i}", sender=f"u{i % 5}")
+        await wait_for_condition(lambda: all(len(chat_messages(s)) >= 30 for s in socks))
+        for sock in socks:
+            assert [(m["id"], m["text"]) for m in chat_messages(sock)] == [(i + 1, f"m{i}") for i in range(30)]
+        assert chat_messages(outsider) == []
+
+    run(body())
+
+
+def test_manager_stuck_socket_delays_nobody_and_is_dropped_with_1013():
+    """A socket whose send blocks forever delays no one and is dropped with 1013 once its queue exceeds send_queue."""
+    async def body():
+        manager = ConnectionManager(Settings(send_queue=8, presence_interval=60))
+        fast, _ = await enter(manager, "r", "fast")
+        stuck, _ = await enter(manager, "r", "stuck", sock=StuckSocket())
+        for i in range(7):                      # welcome + 7 messages = 8 frames queued
+            await manager.publish("r", f"m{i}")
+        await wait_for_condition(lambda: len(chat_messages(fast)) == 7)
+        assert manager.slow_clients_dropped == 0 and "stuck" in await manager.members("r")
+        await manager.publish("r", "m7")        # the 9th frame exceeds send_queue
+        assert manager.slow_clients_dropped == 1
+        async def only_fast() -> bool:
+            return await manager.members("r") == ["fast"]
+
+        await wait_for_condition(only_fast)     # it left the room at once
+        await manager.publish("r", "m8")
+        await wait_for_condition(lambda: len(chat_messages(fast)) == 9)
+        stuck.release.set()                     # its socket drains: the close frame goes out
+        await wait_for_condition(lambda: stuck.closed_with is not None)
+        assert stuck.closed_with[0] == 1013
+        assert manager.slow_clients_dropped == 1
+
+    run(body())
+
+
+def test_manager_vanished_socket_cleaned_up_once_without_error_log(caplog):
+    """A socket whose send raises is removed once, quietly, and the others carry on."""
+    caplog.set_level(logging.DEBUG)
+
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=0.05))
+        watcher, _ = await enter(manager, "r", "watcher")
+        gone, conn = await enter(manager, "r", "gone", sock=VanishingSocket())
+        task = asyncio.create_task(reader(manager, conn))
+        await wait_for_condition(lambda: any("gone" in f["joined"] for f in presence_frames(watcher)))
+        await manager.publish("r", "first")     # "gone" vanishes on its next frame
+        await wait_for_condition(lambda: task.done())
+        await wait_for_condition(lambda: any("gone" in f["left"] for f in presence_frames(watcher)))
+        manager.disconnect(conn)                # a second cleanup is harmless
+        await manager.publish("r", "second")
+        await wait_for_condition(lambda: len(chat_messages(watcher)) == 2)
+        await asyncio.sleep(0.2)                # proving no second "left" arrives
+        assert sum(f["left"].count("gone") for f in presence_frames(watcher)) == 1
+        assert await manager.members("r") == ["watcher"]
+        assert manager.active_connections == [watcher]
+        task.result()
+
+    run(body())
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_manager_presence_coalesced_at_most_one_frame_per_interval():
+    """A join storm costs each member a few presence frames, at most one per presence_interval."""
+    interval = 0.2
+
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=interval))
+        watcher, _ = await enter(manager, "r", "watcher", sock=TimedSocket())
+        joiners = []
+        for wave in range(4):
+            for i in range(15):
+                joiners.append((await enter(manager, "r", f"j{wave}-{i}"))[0])
+            await asyncio.sleep(interval / 3)   # spread the storm over several intervals
+        names = {f"j{w}-{i}" for w in range(4) for i in range(15)}
+        await wait_for_condition(lambda: names <= {j for f in presence_frames(watcher) for j in f["joined"]})
+        stamps = [t for t, f in zip(watcher.times, watcher.frames()) if f["type"] == "presence"]
+        assert all(later - earlier >= interval * 0.5 for earlier, later in zip(stamps, stamps[1:])), stamps
+        assert len(stamps) <= 5
+        assert presence_frames(watcher)[-1]["count"] == 61
+        assert sum(len(presence_frames(j)) for j in joiners) <= 3 * len(joiners)
+
+    run(body())
+
+
+def test_manager_join_then_leave_within_interval_cancels_out():
+    """A client that joins and leaves within one presence interval is never announced."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=0.15))
+        watcher, _ = await enter(manager, "r", "watcher")
+        await wait_for_condition(lambda: presence_frames(watcher))
+        _, blink = await enter(manager, "r", "blink")
+        manager.disconnect(blink)
+        await enter(manager, "r", "carol")
+        await wait_for_condition(lambda: len(presence_frames(watcher)) == 2)
+        assert presence_frames(watcher)[1] == {"type": "presence", "room": "r", "joined": ["carol"], "left": [],
+                                               "count": 2}
+
+    run(body())
+
+
+def test_manager_send_personal_message_to_socket():
+    """send_personal_message(text, socket) sends the text as is to that socket only."""
+    async def body():
+        manager = ConnectionManager()
+        a, conn_a = await enter(manager, None, "a")
+        b, _ = await enter(manager, None, "b")
+        await manager.send_personal_message("just for a", a)
+        await manager.send_personal_message("again for a", conn_a)
+        await wait_for_condition(lambda: len(a.sent) == 2)
+        assert a.sent == ["just for a", "again for a"] and b.sent == []
+        with pytest.raises(LookupError):
+            await manager.send_personal_message("nobody", FakeSocket())
+
+    run(body())
+
+
+def test_manager_send_personal_message_to_client_id():
+    """send_personal_message(text, client_id) is a direct message frame to that client only."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60))
+        a, _ = await enter(manager, "r", "a")
+        b, _ = await enter(manager, "r", "b")
+        b_elsewhere, _ = await enter(manager, "other", "b")
+        await manager.send_personal_message("psst", "b", room="r")
+        await manager.send_personal_message("everywhere", "b", sender="billing")
+        await manager.publish("r", "public")
+        await wait_for_condition(lambda: len(chat_messages(b)) == 3 and len(chat_messages(b_elsewhere)) == 1)
+        direct = chat_messages(b)[0]
+        assert {k: direct[k] for k in ("room", "from", "to", "text")} == {"room": "r", "from": "server", "to": "b",
+                                                                         "text": "psst"}
+        assert "id" not in direct
+        assert chat_messages(b)[1]["from"] == "billing"
+        assert [m["text"] for m in chat_messages(b_elsewhere)] == ["everywhere"]
+        await wait_for_condition(lambda: chat_messages(a))
+        assert [m["text"] for m in chat_messages(a)] == ["public"]
+
+    run(body())
+
+
+def test_manager_broadcast_reaches_every_connection_or_one_room():
+    """broadcast() sends text as is to every connection, or to one room's, and says how many."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60))
+        plain, _ = await enter(manager, None, "plain")
+        r1, _ = await enter(manager, "r", "a")
+        r2, _ = await enter(manager, "r", "b")
+        assert await manager.broadcast("to all") == 3
+        assert await manager.broadcast("to r", room="r") == 2
+        assert await manager.broadcast("to none", room="empty") == 0
+        await wait_for_condition(lambda: plain.sent and len(r1.sent) == 3 and len(r2.sent) == 3)
+        assert plain.sent == ["to all"]
+        assert r1.sent[1:] == r2.sent[1:] == ["to all", "to r"]
+
+    run(body())
+
+
+def test_manager_active_connections_tracks_connect_and_disconnect():
+    """active_connections lists connected sockets; disconnect removes them (twice is safe)."""
+    async def body():
+        manager = ConnectionManager()
+        a, conn_a = await enter(manager, "r", "a")
+        b, _ = await enter(manager, None, "b")
+        assert set(manager.active_connections) == {a, b}
+        manager.disconnect(conn_a)
+        manager.disconnect(a)
+        assert manager.active_connections == [b]
+        assert await manager.members("r") == []
+
+    run(body())
+
+
+def test_manager_host_api_publish_history_members_stats():
+    """publish/history/members/stats: what host code reads from app.state.chat."""
+    async def body():
+        manager = ConnectionManager(Settings(history=3, presence_interval=60))
+        sock, _ = await enter(manager, "r", "alice")
+        sent = [await manager.publish("r", f"m{i}", sender="billing") for i in range(5)]
+        assert [m["id"] for m in sent] == [1, 2, 3, 4, 5]
+        assert {k: sent[0][k] for k in ("type", "room", "from", "text")} == {
+            "type": "message", "room": "r", "from": "billing", "text": "m0"}
+        assert isinstance(sent[0]["ts"], float) and abs(sent[0]["ts"] - time.time()) < 60
+        assert [m["id"] for m in await manager.history("r")] == [3, 4, 5]
+        assert [m["id"] for m in await manager.history("r", since=3)] == [4, 5]
+        assert [m["id"] for m in await manager.history("r", limit=2)] == [3, 4]
+        assert await manager.members("r") == ["alice"]
+        await wait_for_condition(lambda: len(chat_messages(sock)) == 5)
+        stats = manager.stats()
+        assert (stats["connections"], stats["rooms"], stats["messages_out"]) == (1, 1, 5)
+        for bad in [("bad room", "x"), ("r", "")]:
+            with pytest.raises(ValueError):
+                await manager.publish(*bad)
+
+    run(body())
+
+
+def test_manager_two_managers_are_independent():
+    """Two managers share nothing: rooms, ids, epochs and counters are their own."""
+    async def body():
+        one, two = ConnectionManager(Settings(presence_interval=60)), ConnectionManager(Settings(presence_interval=60))
+        s1, _ = await enter(one, "r", "a")
+        s2, _ = await enter(two, "r", "a")
+        assert (await one.publish("r", "in one"))["id"] == 1
+        assert (await two.publish("r", "in two"))["id"] == 1
+        await wait_for_condition(lambda: chat_messages(s1) and chat_messages(s2))
+        assert [m["text"] for m in chat_messages(s1)] == ["in one"]
+        assert [m["text"] for m in chat_messages(s2)] == ["in two"]
+        assert s1.frames()[0]["epoch"] != s2.frames()[0]["epoch"]
+        assert one.active_connections == [s1] and one.stats()["messages_out"] == 1
+
+    run(body())
+
+
+# ---- App: HTTP routes (TestClient) ----
+
+def test_app_page_served_at_root():
+    """GET / serves the chat page as HTML."""
+    with TestClient(create_app()) as tc:
+        response = tc.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<title>wschat</title>" in response.text
+
+
+def test_app_healthz_ok():
+    """GET /healthz answers {"status": "ok"} with the memory broker."""
+    with TestClient(create_app()) as tc:
+        response = tc.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+def test_app_healthz_503_with_reason_when_broker_down():
+    """GET /healthz answers 503 with the broker's reason when the broker reports itself down."""
+    app = create_app()
+    app.state.chat.broker.health = lambda: (False, "connection refused")
+    with TestClient(app) as tc:
+        response = tc.get("/healthz")
+    assert response.status_code == 503
+    assert "connection refused" in response.text
+
+
+def test_app_stats_counts_connections_rooms_and_messages():
+    """GET /stats counts connections, rooms, frames in, deliveries out and names the broker."""
+    with TestClient(create_app()) as tc:
+        assert tc.get("/stats").json() == {"connections": 0, "rooms": 0, "messages_in": 0, "messages_out": 0,
+                                           "slow_clients_dropped": 0,
+                                           "broker": {"url": "memory://", "ok": True, "status": "ok"}}
+        with tc.websocket_connect("/rooms/r/ws?client_id=a") as a, tc.websocket_connect("/rooms/r/ws?client_id=b") as b:
+            for ws in (a, b):
+                next_frame(ws, "welcome")
+            a.send_json({"type": "message", "text": "hi"})
+            for ws in (a, b):
+                next_frame(ws, "message")
+            a.send_json({"type": "ping"})
+            next_frame(a, "pong")
+            stats = tc.get("/stats").json()
+        assert {k: stats[k] for k in ("connections", "rooms", "messages_in", "messages_out")} == {
+            "connections": 2, "rooms": 1, "messages_in": 2, "messages_out": 2}
+
+
+def test_app_rooms_lists_rooms_with_member_counts():
+    """GET /rooms lists the rooms that have members, with their counts."""
+    with TestClient(create_app()) as tc:
+        post(tc, "quiet", "nobody is here")
+        with tc.websocket_connect("/rooms/b/ws?client_id=x"), tc.websocket_connect("/rooms/a/ws?client_id=x"), \
+                tc.websocket_connect("/rooms/a/ws?client_id=y"):
+            assert tc.get("/rooms").json() == {"rooms": [{"room": "a", "count": 2}, {"room": "b", "count": 1}]}
+        assert tc.get("/rooms").json() == {"rooms": []}
+
+
+def test_app_members_lists_distinct_client_ids():
+    """GET /rooms/{room}/members lists distinct connected client ids and their count."""
+    with TestClient(create_app()) as tc:
+        with tc.websocket_connect("/rooms/r/ws?client_id=alice"), tc.websocket_connect("/rooms/r/ws?client_id=bob"), \
+                tc.websocket_connect("/rooms/r/ws?client_id=bob"):
+            body = tc.get("/rooms/r/members").json()
+        assert (body["room"], sorted(body["members"]), body["count"]) == ("r", ["alice", "bob"], 2)
+        assert tc.get("/rooms/r/members").json() == {"room": "r", "members": [], "count": 0}
+
+
+def test_app_post_message_returns_201_with_stored_message():
+    """POST /rooms/{room}/messages stores, numbers and delivers the message; "from" defaults to server."""
+    with TestClient(create_app()) as tc:
+        with tc.websocket_connect("/rooms/r/ws?client_id=alice") as alice:
+            next_frame(alice, "welcome")
+            first = post(tc, "r", "deploy done")
+            second = post(tc, "r", "paid", **{"from": "billing"})
+            assert next_frame(alice, "message") == first
+            assert next_frame(alice, "message") == second
+    assert set(first) == {"type", "id", "room", "from", "text", "ts"}
+    assert (first["id"], first["room"], first["from"], first["text"]) == (1, "r", "server", "deploy done")
+    assert (second["id"], second["from"]) == (2, "billing")
+    assert isinstance(first["ts"], float)
+
+
+@pytest.mark.parametrize("room, body, code", [
+    ("bad room!", {"text": "x"}, 422), ("x" * 65, {"text": "x"}, 422), ("r", {"text": ""}, 422),
+    ("r", {}, 422), ("r", {"text": "x" * 101}, 413),
+])
+def test_app_post_message_rejects_bad_input(room, body, code):
+    """Bad room name or empty text: 422; text over max_message_size: 413."""
+    with TestClient(create_app(max_message_size=100)) as tc:
+        assert tc.post(f"/rooms/{room}/messages", json=body).status_code == code
+        assert tc.get("/rooms/r/messages").json()["messages"] == []
+
+
+def test_app_messages_since_and_limit_oldest_first():
+    """GET /rooms/{room}/messages returns retained messages with id > since, oldest first, at most limit."""
+    with TestClient(create_app()) as tc:
+        for i in range(5):
+            post(tc, "r", f"m{i}")
+        page = tc.get("/rooms/r/messages").json()
+        assert set(page) == {"room", "epoch", "last_id", "messages"}
+        assert (page["room"], page["last_id"]) == ("r", 5)
+        assert [m["id"] for m in page["messages"]] == [1, 2, 3, 4, 5]
+        assert [m["text"] for m in tc.get("/rooms/r/messages?since=2").json()["messages"]] == ["m2", "m3", "m4"]
+        assert [m["id"] for m in tc.get("/rooms/r/messages?since=1&limit=2").json()["messages"]] == [2, 3]
+        assert tc.get("/rooms/bad!/messages").status_code == 422
+
+
+def test_app_history_keeps_the_last_n_messages():
+    """History retains the last `history` messages (default 100); 0 keeps none, ids still count up."""
+    with TestClient(create_app()) as tc:
+        for i in range(105):
+            post(tc, "r", f"m{i}")
+        assert [m["id"] for m in tc.get("/rooms/r/messages").json()["messages"]] == list(range(6, 106))
+    with TestClient(create_app(history=0)) as tc, tc.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+        next_frame(ws, "welcome")
+        assert [post(tc, "r", "a")["id"], post(tc, "r", "b")["id"]] == [1, 2]
+        page = tc.get("/rooms/r/messages").json()
+        assert (page["messages"], page["last_id"]) == ([], 2)
+        assert next_frame(ws, "message")["id"] == 1
+
+
+def test_app_message_ids_are_per_room():
+    """Each room numbers its own messages from 1."""
+    with TestClient(create_app()) as tc:
+        assert [post(tc, "a", "x")["id"], post(tc, "b", "x")["id"], post(tc, "a", "y")["id"]] == [1, 1, 2]
+
+
+# ---- App: echo, lobby and item routes (TestClient) ----
+
+def test_app_echo_route():
+    """WS /ws replies `Message text was: {data}` to each text message."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/ws") as ws:
+        for text in ("hello", "{not json} ✓"):
+            ws.send_text(text)
+            assert ws.receive_text() == f"Message text was: {text}"
+
+
+def test_app_lobby_texts():
+    """The lobby text view: `You wrote:`, `Client #id says:`, joined and left lines, exactly."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/ws/alice") as alice:
+        with tc.websocket_connect("/ws/bob") as bob:
+            assert alice.receive_text() == "Client #bob joined the chat"
+            alice.send_text("Hello, bob")
+            assert alice.receive_text() == "You wrote: Hello, bob"
+            assert bob.receive_text() == "Client #alice says: Hello, bob"
+            bob.send_text("hi")
+            assert bob.receive_text() == "You wrote: hi"
+            assert alice.receive_text() == "Client #bob says: hi"
+        assert alice.receive_text() == "Client #bob left the chat"
+
+
+def test_app_lobby_text_view_and_room_json_view_share_the_lobby():
+    """A message posted through /ws/{id} or /rooms/lobby/ws reaches both views."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/ws/alice") as alice:
+        with tc.websocket_connect("/rooms/lobby/ws?client_id=bob") as bob:
+            assert alice.receive_text() == "Client #bob joined the chat"
+            next_frame(bob, "welcome")
+            bob.send_json({"type": "message", "text": "from json"})
+            assert alice.receive_text() == "Client #bob says: from json"
+            assert next_frame(bob, "message")["text"] == "from json"
+            alice.send_text("from text")
+            assert alice.receive_text() == "You wrote: from text"
+            frame = next_frame(bob, "message")
+            assert (frame["id"], frame["room"], frame["from"], frame["text"]) == (2, "lobby", "alice", "from text")
+            bob.send_json({"type": "message", "text": "psst", "to": "alice"})
+            assert alice.receive_text() == "Client #bob says to you: psst"
+        assert alice.receive_text() == "Client #bob left the chat"
+        assert [m["text"] for m in tc.get("/rooms/lobby/messages").json()["messages"]] == ["from json", "from text"]
+
+
+def test_app_lobby_sends_no_history_on_connect():
+    """Joining the lobby text view replays nothing; the next line is live."""
+    with TestClient(create_app()) as tc:
+        post(tc, "lobby", "old news")
+        with tc.websocket_connect("/ws/alice") as alice:
+            post(tc, "lobby", "fresh")
+            assert alice.receive_text() == "Client #server says: fresh"
+
+
+@pytest.mark.parametrize("query, q_line", [("?token=T1&q=5", ["Query parameter q is: 5"]), ("?token=T1", [])])
+def test_app_item_route_texts(query, q_line):
+    """WS /items/{id}/ws answers credential, q (when given) and the message, in order."""
+    with TestClient(create_app()) as tc, tc.websocket_connect(f"/items/foo/ws{query}") as ws:
+        for text in ("one", "two"):
+            ws.send_text(text)
+            lines = [ws.receive_text() for _ in range(2 + len(q_line))]
+            assert lines == ["Session cookie or query token value is: T1", *q_line,
+                             f"Message text was: {text}, for item ID: foo"]
+
+
+def test_app_item_route_accepts_session_cookie():
+    """The item route takes its credential from the `session` cookie too."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/items/7/ws?q=0", headers={"cookie": "session=C00KIE"}) as ws:
+        ws.send_text("hi")
+        assert [ws.receive_text() for _ in range(3)] == ["Session cookie or query token value is: C00KIE",
+                                                          "Query parameter q is: 0",
+                                                          "Message text was: hi, for item ID: 7"]
+
+
+@pytest.mark.parametrize("url", ["/items/foo/ws", "/items/foo/ws?q=1", "/items/foo/ws?token=", "/items/foo/ws?token=T&q=x"])
+def test_app_item_route_refuses_without_credential(url):
+    """Without a credential (or with a non-integer q) the item handshake is refused with 1008."""
+    with TestClient(create_app()) as tc:
+        assert refused_code(tc, url) == 1008
+
+
+def test_app_item_route_refuses_a_credential_the_tokens_reject():
+    """With tokens set, the item route admits a valid token and refuses any other credential with 1008."""
+    with TestClient(create_app(tokens=["good"])) as tc:
+        assert refused_code(tc, "/items/foo/ws?token=bad") == 1008
+        with tc.websocket_connect("/items/foo/ws?token=good") as ws:
+            ws.send_text("hi")
+            assert ws.receive_text() == "Session cookie or query token value is: good"
+
+
+# ---- App: room protocol (TestClient) ----
+
+def test_app_welcome_has_documented_fields():
+    """The first frame is the welcome with room, client_id, members, count, last_id, epoch, timeout."""
+    with TestClient(create_app(timeout=42)) as tc:
+        post(tc, "r", "before")
+        with tc.websocket_connect("/rooms/r/ws?client_id=alice") as alice:
+            welcome = alice.receive_json()
+            with tc.websocket_connect("/rooms/r/ws?client_id=bob") as bob:
+                second = bob.receive_json()
+    epoch = tc.get("/rooms/r/messages").json()["epoch"]
+    assert welcome == {"type": "welcome", "room": "r", "client_id": "alice", "members": ["alice"], "count": 1,
+                       "last_id": 1, "epoch": epoch, "timeout": 42}
+    assert isinstance(epoch, str) and epoch
+    assert (sorted(second["members"]), second["count"]) == (["alice", "bob"], 2)
+
+
+def test_app_welcome_members_capped_at_100_with_count():
+    """Welcome lists at most 100 members with the full count; GET members lists them all."""
+    async def body():
+        app = create_app(presence_interval=0.5)
+        chat = app.state.chat
+        first = FakeSocket()
+        await chat.connect(first, client_id="m000", room="big")
+        for i in range(1, 120):
+            await chat.connect(FakeSocket(), client_id=f"m{i:03}", room="big")
+        last = FakeSocket()
+        await chat.connect(last, client_id="last", room="big")
+        await wait_for_condition(lambda: last.sent)
+        welcome = last.frames()[0]
+        assert (len(welcome["members"]), welcome["count"]) == (100, 121)
+        assert set(welcome["members"]) <= {f"m{i:03}" for i in range(120)} | {"last"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http_client:
+            listed = (await http_client.get("/rooms/big/members")).json()
+        assert (len(set(listed["members"])), listed["count"]) == (121, 121)
+        await wait_for_condition(lambda: presence_frames(first))
+        storm = presence_frames(first)[0]
+        assert (len(storm["joined"]), storm["truncated"], storm["count"]) == (100, True, 121)
+
+    run(body())
+
+
+def test_app_room_replays_retained_history_after_welcome():
+    """Without since, a joiner gets the welcome, then every retained message in id order."""
+    with TestClient(create_app(history=3)) as tc:
+        for i in range(5):
+            post(tc, "r", f"m{i}")
+        with tc.websocket_connect("/rooms/r/ws?client_id=alice") as alice:
+            welcome = alice.receive_json()
+            assert (welcome["type"], welcome["last_id"], "recovered" in welcome) == ("welcome", 5, False)
+            assert [next_frame(alice, "message")["id"] for _ in range(3)] == [3, 4, 5]
+            post(tc, "r", "live")
+            assert next_frame(alice, "message")["id"] == 6
+
+
+@pytest.mark.parametrize("query, recovered, replayed", [
+    ("since=1&epoch={epoch}", True, [2, 3]),
+    ("since=2", True, [3]),                        # an omitted epoch is taken to match
+    ("since=3&epoch={epoch}", True, []),
+    ("since=1&epoch=not-the-epoch", False, [1, 2, 3]),
+    ("since=0&epoch=not-the-epoch", False, [1, 2, 3]),
+    ("since=7&epoch={epoch}", False, [1, 2, 3]),   # an id the room never reached
+])
+def test_app_reconnect_with_since_and_epoch(query, recovered, replayed):
+    """Reconnecting with since/epoch recovers exactly the missed messages, or says recovered false."""
+    with TestClient(create_app()) as tc:
+        for i in range(3):
+            post(tc, "r", f"m{i}")
+        epoch = tc.get("/rooms/r/messages").json()["epoch"]
+        with tc.websocket_connect(f"/rooms/r/ws?client_id=a&{query.format(epoch=epoch)}") as ws:
+            welcome = ws.receive_json()
+            assert (welcome["type"], welcome["recovered"], welcome["epoch"]) == ("welcome", recovered, epoch)
+            post(tc, "r", "live")
+            got = []
+            while not got or got[-1] != 4:
+                got.append(next_frame(ws, "message")["id"])
+        assert got == replayed + [4]
+
+
+def test_app_reconnect_past_retained_history_not_recovered():
+    """When the gap is no longer retained, the client gets what is retained and recovered false."""
+    with TestClient(create_app(history=2)) as tc:
+        for i in range(4):
+            post(tc, "r", f"m{i}")
+        with tc.websocket_connect("/rooms/r/ws?client_id=a&since=1") as ws:
+            assert ws.receive_json()["recovered"] is False
+            assert [next_frame(ws, "message")["id"] for _ in range(2)] == [3, 4]
+        with tc.websocket_connect("/rooms/r/ws?client_id=a&since=2") as ws:
+            assert ws.receive_json()["recovered"] is True
+            assert next_frame(ws, "message")["id"] == 3
+
+
+def test_app_epoch_changes_when_the_sequence_starts_again():
+    """A restarted memory broker starts rooms again under a new epoch, so an old id is not trusted."""
+    with TestClient(create_app(history=0)) as tc:
+        with tc.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+            old_epoch = ws.receive_json()["epoch"]
+            ws.send_text("one")
+            assert next_frame(ws, "message")["id"] == 1
+        with tc.websocket_connect(f"/rooms/r/ws?client_id=a&since=1&epoch={old_epoch}") as ws:
+            same = ws.receive_json()
+    assert (same["epoch"], same["last_id"], same["recovered"]) == (old_epoch, 1, True)
+    with TestClient(create_app(history=0)) as restarted:
+        with restarted.websocket_connect(f"/rooms/r/ws?client_id=a&since=1&epoch={old_epoch}") as ws:
+            welcome = ws.receive_json()
+    assert welcome["epoch"] != old_epoch
+    assert (welcome["last_id"], welcome["recovered"]) == (0, False)
+
+
+def test_app_ping_gets_pong():
+    """{"type": "ping"} is answered with {"type": "pong"}."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/rooms/r/ws") as ws:
+        next_frame(ws, "welcome")
+        ws.send_text('{"type": "ping"}')
+        assert next_frame(ws, "pong") == {"type": "pong"}
+
+
+def test_app_bare_text_frame_is_a_message():
+    """A bare (non-JSON) text frame is a message with that text."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+        next_frame(ws, "welcome")
+        ws.send_text("just words [1]")
+        frame = next_frame(ws, "message")
+        assert (frame["id"], frame["from"], frame["text"]) == (1, "a", "just words [1]")
+
+
+def test_app_direct_message_reaches_recipient_and_sender_only():
+    """A message with "to" goes to that member and back to the sender, carries "to" and no id."""
+    with TestClient(create_app()) as tc:
+        urls = [f"/rooms/r/ws?client_id={name}" for name in ("alice", "bob", "carol")]
+        with tc.websocket_connect(urls[0]) as alice, tc.websocket_connect(urls[1]) as bob, \
+                tc.websocket_connect(urls[2]) as carol:
+            for ws in (alice, bob, carol):
+                next_frame(ws, "welcome")
+            alice.send_json({"type": "message", "text": "psst", "to": "bob"})
+            for ws in (alice, bob):
+                frame = next_frame(ws, "message")
+                assert {k: frame[k] for k in ("room", "from", "to", "text")} == {
+                    "room": "r", "from": "alice", "to": "bob", "text": "psst"}
+                assert "id" not in frame
+            alice.send_json({"type": "message", "text": "everyone"})
+            assert next_frame(carol, "message")["text"] == "everyone"
+        page = tc.get("/rooms/r/messages").json()
+        assert ([m["text"] for m in page["messages"]], page["last_id"]) == (["everyone"], 1)
+
+
+def test_app_direct_message_to_unknown_client_is_an_error():
+    """A direct message to a client id not in the room gives an error frame; the connection stays open."""
+    with TestClient(create_app()) as tc:
+        with tc.websocket_connect("/rooms/other/ws?client_id=dave"), \
+                tc.websocket_connect("/rooms/r/ws?client_id=alice") as alice:
+            next_frame(alice, "welcome")
+            alice.send_json({"type": "message", "text": "psst", "to": "dave"})
+            assert "dave" in next_frame(alice, "error")["error"]
+            alice.send_json({"type": "ping"})
+            assert next_frame(alice, "pong") == {"type": "pong"}
+        assert tc.get("/rooms/r/messages").json()["last_id"] == 0
+
+
+def test_app_guest_ids_are_unique():
+    """Without client_id the server assigns distinct guest-… ids."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/rooms/r/ws") as a, tc.websocket_connect("/rooms/r/ws") as b:
+        ids = [next_frame(a, "welcome")["client_id"], next_frame(b, "welcome")["client_id"]]
+        assert all(i.startswith("guest-") for i in ids) and ids[0] != ids[1]
+        assert sorted(tc.get("/rooms/r/members").json()["members"]) == sorted(ids)
+
+
+@pytest.mark.parametrize("url", [
+    "/rooms/bad%20name/ws", f"/rooms/{'x' * 65}/ws", "/rooms/caf%C3%A9/ws",
+    f"/rooms/r/ws?client_id={'x' * 65}", "/rooms/r/ws?client_id=a%0Ab", "/rooms/r/ws?client_id=",
+    "/rooms/r/ws?since=-1", "/rooms/r/ws?since=abc", "/ws/a%01b",
+])
+def test_app_invalid_room_or_client_id_refused(url):
+    """Invalid room names, client ids or since are refused at the handshake with 1008."""
+    with TestClient(create_app()) as tc:
+        assert refused_code(tc, url) == 1008
+
+
+def test_app_longest_valid_names_accepted():
+    """A 64-character room name and a 64-character client id are accepted."""
+    with TestClient(create_app()) as tc, tc.websocket_connect(f"/rooms/{'r' * 64}/ws?client_id={'c' * 64}") as ws:
+        welcome = ws.receive_json()
+    assert (welcome["room"], welcome["client_id"]) == ("r" * 64, "c" * 64)
+
+
+# ---- App: embedding (host code, mounting, several apps) ----
+
+def test_app_two_apps_in_one_process_are_independent():
+    """Two create_app() share no rooms, ids, history, epochs or counters."""
+    with TestClient(create_app()) as one, TestClient(create_app()) as two:
+        with one.websocket_connect("/rooms/r/ws?client_id=a") as a:
+            epoch_one = next_frame(a, "welcome")["epoch"]
+            assert post(two, "r", "in two")["id"] == 1
+            assert post(one, "r", "in one")["id"] == 1
+            assert next_frame(a, "message")["text"] == "in one"
+            assert two.get("/rooms/r/members").json()["members"] == []
+        assert two.get("/rooms/r/messages").json()["epoch"] != epoch_one
+        assert [m["text"] for m in two.get("/rooms/r/messages").json()["messages"]] == ["in two"]
+        assert (one.get("/stats").json()["messages_out"], two.get("/stats").json()["messages_out"]) == (1, 0)
+
+
+def test_app_host_code_publishes_through_state_chat():
+    """Host code reaches the manager at app.state.chat: publish, members, history, stats."""
+    chat_app = create_app()
+    host = FastAPI()
+
+    @host.post("/invoices/{number}/paid")
+    async def paid(number: int) -> dict:
+        chat = chat_app.state.chat
+        message = await chat.publish("billing", f"invoice {number} paid", sender="billing")
+        return {"message": message, "members": await chat.members("billing"),
+                "history": await chat.history("billing", since=0), "stats": chat.stats()}
+
+    host.mount("/chat", chat_app)
+    with TestClient(host) as tc, tc.websocket_connect("/chat/rooms/billing/ws?client_id=ops") as ops:
+        next_frame(ops, "welcome")
+        result = tc.post("/invoices/7/paid").json()
+        frame = next_frame(ops, "message")
+    assert (frame["from"], frame["text"], frame["id"]) == ("billing", "invoice 7 paid", 1)
+    assert result["message"] == frame and result["history"] == [frame]
+    assert result["members"] == ["ops"] and result["stats"]["connections"] == 1
+
+
+def test_app_every_route_works_mounted_under_a_prefix():
+    """Mounted at /chat, every HTTP and WebSocket route answers under the prefix."""
+    host = FastAPI()
+    host.mount("/chat", create_app())
+    with TestClient(host) as tc:
+        assert "<title>wschat</title>" in tc.get("/chat/").text
+        assert tc.get("/chat/healthz").json() == {"status": "ok"}
+        assert tc.post("/chat/rooms/r/messages", json={"text": "posted"}).status_code == 201
+        assert [m["text"] for m in tc.get("/chat/rooms/r/messages").json()["messages"]] == ["posted"]
+        with tc.websocket_connect("/chat/rooms/r/ws?client_id=alice") as room:
+            assert next_frame(room, "welcome")["last_id"] == 1
+            assert tc.get("/chat/rooms/r/members").json()["members"] == ["alice"]
+            assert tc.get("/chat/rooms").json() == {"rooms": [{"room": "r", "count": 1}]}
+            assert tc.get("/chat/stats").json()["connections"] == 1
+        with tc.websocket_connect("/chat/ws") as echo:
+            echo.send_text("e")
+            assert echo.receive_text() == "Message text was: e"
+        with tc.websocket_connect("/chat/ws/bob") as lobby:
+            lobby.send_text("l")
+            assert lobby.receive_text() == "You wrote: l"
+        with tc.websocket_connect("/chat/items/i/ws?token=t") as item:
+            item.send_text("m")
+            assert [item.receive_text() for _ in range(2)][1] == "Message text was: m, for item ID: i"
+
+
+@pytest.mark.parametrize("hook", ["sync", "async"])
+def test_app_authenticate_hook_identity_becomes_client_id(hook):
+    """create_app(authenticate=...) (sync or async) admits by credential; its identity is the client id."""
+    users = {"s3cret": "alice"}
+
+    async def async_lookup(credential: str) -> str | None:
+        return users.get(credential)
+
+    app = create_app(authenticate=users.get if hook == "sync" else async_lookup)
+    with TestClient(app) as tc:
+        with tc.websocket_connect("/rooms/r/ws?client_id=mallory&token=s3cret") as ws:
+            assert ws.receive_json()["client_id"] == "alice"
+        assert refused_code(tc, "/rooms/r/ws?client_id=mallory&token=wrong") == 1008
+
+
+# ---- CLI: options, environment, help ----
+
+CLI_OPTIONS = [  # option, value given, setting name, parsed value, env variable
+    ("--host", "0.0.0.0", "host", "0.0.0.0", "WSCHAT_HOST"),
+    ("--port", "9123", "port", 9123, "WSCHAT_PORT"),
+    ("--timeout", "2.5", "timeout", 2.5, "WSCHAT_TIMEOUT"),
+    ("--broker", "memory://", "broker", "memory://", "WSCHAT_BROKER"),
+    ("--token", "t1", "tokens", ("t1",), "WSCHAT_TOKENS"),
+    ("--allowed-origin", "https://a.example", "allowed_origins", ("https://a.example",), "WSCHAT_ALLOWED_ORIGIN"),
+    ("--history", "7", "history", 7, "WSCHAT_HISTORY"),
+    ("--max-message-size", "1000", "max_message_size", 1000, "WSCHAT_MAX_MESSAGE_SIZE"),
+    ("--rate", "3", "rate", 3.0, "WSCHAT_RATE"),
+    ("--max-connections", "5", "max_connections", 5, "WSCHAT_MAX_CONNECTIONS"),
+    ("--send-queue", "16", "send_queue", 16, "WSCHAT_SEND_QUEUE"),
+    ("--workers", "1", "workers", 1, "WSCHAT_WORKERS"),
+    ("--log-level", "warning", "log_level", "warning", "WSCHAT_LOG_LEVEL"),
+    ("--root-path", "/chat", "root_path", "/chat", "WSCHAT_ROOT_PATH"),
+]
+
+
+def serve_settings(monkeypatch, args: list[str], env: dict | None = None) -> Settings:
+    """The Settings `wschat serve ARGS` would run with (the server itself is not started)."""
+    captured: list[Settings] = []
+    monkeypatch.setattr(wschat, "_run", lambda app, settings: captured.append(settings))
+    result = CliRunner().invoke(wschat.main, ["serve", *args], env=env or {})
+    assert result.exit_code == 0, result.output
+    return captured[0]
+
+
+@pytest.mark.parametrize("option, value, name, parsed, env", CLI_OPTIONS)
+def test_cli_option_and_env_variable_set_the_setting(monkeypatch, option, value, name, parsed, env):
+    """Each serve option, and its WSCHAT_ environment variable, sets the matching setting."""
+    assert getattr(serve_settings(monkeypatch, [option, value]), name) == parsed
+    assert getattr(serve_settings(monkeypatch, [], {env: value}), name) == parsed
+
+
+def test_cli_repeatable_options_and_comma_separated_env(monkeypatch):
+    """--token and --allowed-origin repeat; their environment variables take comma-separated lists."""
+    settings = serve_settings(monkeypatch, ["--token", "a", "--token", "b", "--allowed-origin", "*"])
+    assert (settings.tokens, settings.allowed_origins) == (("a", "b"), ("*",))
+    settings = serve_settings(monkeypatch, [], {"WSCHAT_TOKENS": "a,b", "WSCHAT_ALLOWED_ORIGIN": "https://x.io,*"})
+    assert (settings.tokens, settings.allowed_origins) == (("a", "b"), ("https://x.io", "*"))
+
+
+def test_cli_bad_option_value_is_a_usage_error():
+    """A bad option value exits with status 2 and names the option."""
+    result = CliRunner().invoke(wschat.main, ["serve", "--history", "-1"])
+    assert result.exit_code == 2 and "history" in result.output
+
+
+HELP_DEFAULTS = {"--host": "127.0.0.1", "--port": "8000", "--timeout": "300", "--broker": "memory://",
+                 "--token": "None", "--allowed-origin": "same origin", "--history": "100",
+                 "--max-message-size": "65536", "--rate": "20", "--max-connections": "10000",
+                 "--send-queue": "1024", "--workers": "1", "--log-level": "info", "--root-path": '""'}
+
+
+def test_cli_help_documents_every_option_with_default_and_env_variable():
+    """`python wschat.py serve --help` lists every SPEC option with its default and WSCHAT_ variable."""
+    result = subprocess.run([sys.executable, str(HERE / "wschat.py"), "serve", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    blocks = {m.group(1): " ".join(m.group(2).split())
+              for m in re.finditer(r"^  (--[a-z-]+)(.*?)(?=^  -|\Z)", result.stdout, re.M | re.S)}
+    envs = {option: env for option, _, _, _, env in CLI_OPTIONS}
+    for option, default in HELP_DEFAULTS.items():
+        assert option in blocks, f"{option} missing from --help"
+        assert envs[option] in blocks[option], f"{option}: no {envs[option]} in {blocks[option]!r}"
+        assert default in blocks[option], f"{option}: default {default} not shown in {blocks[option]!r}"
+
+
+def test_cli_workers_above_one_with_memory_broker_exits_with_clear_error():
+    """`serve --workers 2` with the memory broker exits non-zero, saying a shared broker is needed."""
+    result = subprocess.run([sys.executable, str(HERE / "wschat.py"), "serve", "--workers", "2",
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--workers" in result.stderr and "redis://" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---- End to end: python wschat.py serve with real clients ----
+
+@pytest.mark.parametrize("args, path", [((), "/"), (("--root-path", "/chat"), "/chat/")])
+def test_e2e_serve_prints_the_url_to_open(serve, args, path):
+    """On start, serve prints the URL to open in a browser, including --root-path."""
+    server = serve(*args)
+    assert f"http://127.0.0.1:{server.port}{path} " in server.log
+
+
+def test_e2e_two_clients_chat_in_a_room(serve):
+    """Two clients in a room see each other's messages, with ids, in the same order."""
+    server = serve()
+
+    async def body():
+        alice, welcome = await join(room_url(server, "team", "alice"))
+        bob, _ = await join(room_url(server, "team", "bob"))
+        assert welcome["members"] == ["alice"]
+        await alice.recv_until(lambda f: f["type"] == "presence" and "bob" in f["joined"])
+        await alice.send("hi bob")
+        await bob.send({"type": "message", "text": "hi alice"})
+        for who in (alice, bob):
+            got = [(m["id"], m["from"], m["text"]) for m in await who.messages(2)]
+            assert sorted(got) == [(1, "alice", "hi bob"), (2, "bob", "hi alice")] and got == sorted(got)
+        await bob.close()
+        left = await alice.recv_until(lambda f: f["type"] == "presence" and "bob" in f["left"])
+        assert left["count"] == 1
+        await alice.close()
+
+    run(body())
+    assert [m["text"] for m in http("GET", server.url + "/rooms/team/messages")[1]["messages"]] == ["hi bob", "hi alice"]
+
+
+def test_e2e_lobby_text_view_and_room_json_view_see_each_other(serve):
+    """A text-view lobby client and a JSON client of room `lobby` see each other's messages."""
+    server = serve()
+
+    async def body():
+        async with client(server.ws_url + "/ws/alice") as alice:
+            bob, _ = await join(room_url(server, "lobby", "bob"))
+            assert await alice.recv() == "Client #bob joined the chat"
+            await alice.send("hello from text")
+            assert await alice.recv() == "You wrote: hello from text"
+            frame = (await bob.messages(1))[0]
+            assert (frame["from"], frame["text"]) == ("alice", "hello from text")
+            await bob.send({"type": "message", "text": "hello from json"})
+            assert await alice.recv() == "Client #bob says: hello from json"
+            await bob.close()
+            assert await alice.recv() == "Client #bob left the chat"
+
+    run(body())
+
+
+def test_e2e_many_clients_receive_every_message_once_in_order(serve):
+    """50 clients in one room each receive every message of 5 publishers exactly once, in id order."""
+    server = serve()
+
+    async def body():
+        members = [(await join(room_url(server, "crowd", f"c{i}")))[0] for i in range(50)]
+        publishers = members[:5]
+        await asyncio.gather(*(p.send({"type": "message", "text": f"p{n}-{k}"})
+                               for k in range(10) for n, p in enumerate(publishers)))
+        await wait_for_condition(lambda: http("GET", server.url + "/rooms/crowd/messages")[1]["last_id"] == 50, 20)
+        await publishers[0].send("end")  # any duplicate would arrive before this last message
+
+        async def collect(member: Client) -> list[dict]:
+            got: list[dict] = []
+            while not got or got[-1]["text"] != "end":
+                got += await member.messages(1, timeout=20)
+            return got[:-1]
+
+        everyone = await asyncio.gather(*(collect(m) for m in members))
+        expected = {f"p{n}-{k}" for n in range(5) for k in range(10)}
+        for got in everyone:
+            assert [m["id"] for m in got] == list(range(1, 51))
+            assert {m["text"] for m in got} == expected
+        await asyncio.gather(*(m.close() for m in members))
+
+    run(body(), 60)
+
+
+def connect_with_small_receive_buffer(url: str, port: int) -> Any:
+    """A websockets client whose kernel receive buffer is small, so a client that never reads fills up fast."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return ws_connect(url, sock=sock, open_timeout=5, close_timeout=2)
+
+
+def test_e2e_client_that_stops_reading_delays_nobody_and_is_dropped(serve):
+    """A client that never reads does not delay others, is dropped (counted) and closed with 1013."""
+    server = serve("--send-queue", "16", "--rate", "0")
+
+    async def body():
+        fast, _ = await join(room_url(server, "r", "fast"))
+        slow = Client(await asyncio.wait_for(connect_with_small_receive_buffer(room_url(server, "r", "slow"),
+                                                                               server.port), 10))
+        big = "x" * 60_000
+        dropped = False
+        for i in range(1, 601):
+            await fast.send({"type": "message", "text": f"{i} {big}"})
+            assert (await fast.messages(1))[0]["id"] == i      # the fast client never waits for the slow one
+            if i % 20 == 0 and http("GET", server.url + "/stats")[1]["slow_clients_dropped"] == 1:
+                dropped = True
+                break
+        assert dropped, "the client that stopped reading was never dropped"
+        assert http("GET", server.url + "/rooms/r/members")[1]["members"] == ["fast"]
+        for j in range(i + 1, i + 6):
+            await fast.send(f"after {j}")
+            assert (await fast.messages(1))[0]["text"] == f"after {j}"
+        assert (await slow.closed(timeout=10))[0] == 1013
+        await fast.close()
+
+    run(body(), 90)
+    assert http("GET", server.url + "/stats")[1]["slow_clients_dropped"] == 1
+    assert "Traceback" not in server.log
+
+
+def test_e2e_client_killed_mid_stream_leaves_no_trace(serve):
+    """A client whose TCP connection is aborted mid-stream is cleaned up; others unaffected; no traceback."""
+    server = serve("--rate", "0")
+    baseline = http("GET", server.url + "/stats")[1]["connections"]
+
+    async def body():
+        watcher, _ = await join(room_url(server, "k", "watcher"))
+        victim, _ = await join(room_url(server, "k", "victim"))
+        for i in range(40):
+            await watcher.send(f"m{i} " + "y" * 2000)
+        await victim.messages(1)
+        victim.socket.transport.abort()
+        assert [m["id"] for m in await watcher.messages(40)] == list(range(1, 41))
+        await wait_for_condition(lambda: http("GET", server.url + "/rooms/k/members")[1]["members"] == ["watcher"])
+        await watcher.send("still here")
+        assert (await watcher.messages(1))[0]["text"] == "still here"
+        await watcher.close()
+        await wait_for_condition(lambda: http("GET", server.url + "/stats")[1]["connections"] == baseline)
+
+    run(body())
+    assert http("GET", server.url + "/rooms/k/members")[1] == {"room": "k", "members": [], "count": 0}
+    assert "Traceback" not in server.log and "ERROR" not in server.log
+
+
+HOST_APP = '''
+from fastapi import FastAPI
+from wschat import create_app
+
+app = FastAPI()
+chat_app = create_app()
+app.mount("/chat", chat_app)
+
+
+@app.post("/notify/{room}")
+async def notify(room: str):
+    return await chat_app.state.chat.publish(room, "invoice paid", sender="billing")
+'''
+
+
+def test_e2e_mounted_under_chat_in_a_host_app(serve, tmp_path):
+    """Mounted at /chat in a host FastAPI app under uvicorn: the page and a room chat work, host code publishes."""
+    (tmp_path / "hostapp.py").write_text(HOST_APP)
+    server = serve(command=[sys.executable, "-m", "uvicorn", "hostapp:app"], ready_path="/chat/healthz",
+                   env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"})
+    status, page = http("GET", server.url + "/chat/")
+    assert status == 200 and "<title>wschat</title>" in page
+
+    async def body():
+        alice, _ = await join(f"{server.ws_url}/chat/rooms/r/ws?client_id=alice")
+        bob, _ = await join(f"{server.ws_url}/chat/rooms/r/ws?client_id=bob")
+        await alice.send("hello under /chat")
+        assert (await bob.messages(1))[0]["text"] == "hello under /chat"
+        assert http("POST", server.url + "/notify/r")[0] == 200
+        frame = (await bob.messages(1))[0]
+        assert (frame["id"], frame["from"], frame["text"]) == (2, "billing", "invoice paid")
+        await alice.close()
+        await bob.close()
+
+    run(body())
+    assert http("GET", server.url + "/chat/rooms/r/messages")[1]["last_id"] == 2
+
+
+def test_e2e_page_under_a_mount_prefix_uses_its_own_websocket_urls(serve, tmp_path, browser):
+    """The page served at /chat/ of a host app connects to /chat/rooms/…/ws: it shows and sends messages."""
+    from playwright.sync_api import expect
+
+    (tmp_path / "hostapp.py").write_text(HOST_APP)
+    server = serve(command=[sys.executable, "-m", "uvicorn", "hostapp:app"], ready_path="/chat/healthz",
+                   env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"})
+    page = browser.new_page()
+    page.goto(server.url + "/chat/")
+    page.get_by_label("Room").fill("mounted")
+    page.get_by_label("Name").fill("carol")
+    page.get_by_role("button", name="Connect").click()
+    expect(page.get_by_role("status")).to_have_text("Connected to mounted as carol", timeout=10_000)
+    assert http("POST", server.url + "/chat/rooms/mounted/messages", {"text": "from the server"})[0] == 201
+    expect(page.get_by_role("list", name="Messages")).to_contain_text("from the server", timeout=10_000)
+    page.get_by_role("textbox", name="Message").fill("from the page")
+    page.get_by_role("textbox", name="Message").press("Enter")
+
+    def posted() -> bool:
+        messages = http("GET", server.url + "/chat/rooms/mounted/messages")[1]["messages"]
+        return ("carol", "from the page") in [(m["from"], m["text"]) for m in messages]
+
+    wait_until(posted, 10)
+
+
+def test_e2e_uvicorn_factory(serve):
+    """`uvicorn --factory wschat:create_app` serves the chat."""
+    server = serve(command=[sys.executable, "-m", "uvicorn", "--factory", "wschat:create_app"],
+                   env={"PYTHONPATH": str(HERE)})
+    assert http("GET", server.url + "/healthz") == (200, {"status": "ok"})
+
+    async def body():
+        alice, _ = await join(room_url(server, "f", "alice"))
+        await alice.send("made by a factory")
+        assert (await alice.messages(1))[0]["text"] == "made by a factory"
+        async with client(server.ws_url + "/ws") as echo:
+            await echo.send("e")
+            assert await echo.recv() == "Message text was: e"
+        await alice.close()
+
+    run(body())
+
+
+def test_e2e_sigterm_closes_clients_with_a_close_frame(serve):
+    """SIGTERM makes the server send every client a close frame (1001 or 1012) within 5 s."""
+    server = serve()
+
+    async def body():
+        room, _ = await join(room_url(server, "r", "a"))
+        lobby = Client(await ws_connect(server.ws_url + "/ws/b", open_timeout=5))
+        assert await room.recv_until(lambda f: f["type"] == "presence")
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        codes = await asyncio.gather(room.closed(5), lobby.closed(5))
+        assert time.monotonic() - started < 5
+        assert {code for code, _ in codes} <= {1001, 1012}, codes
+
+    run(body())
+    assert server.process.wait(10) is not None
+
+
+def test_e2e_environment_variables_take_effect(serve):
+    """WSCHAT_HISTORY and WSCHAT_TOKENS configure `serve` like their options."""
+    server = serve(env={"WSCHAT_HISTORY": "1", "WSCHAT_TOKENS": "a,b"})
+    assert http("POST", server.url + "/rooms/r/messages", {"text": "x"})[0] == 401
+    for token in ("a", "b"):
+        status, _ = http("POST", server.url + "/rooms/r/messages", {"text": token},
+                         headers={"Authorization": f"Bearer {token}"})
+        assert status == 201
+    status, page = http("GET", server.url + "/rooms/r/messages?token=b")
+    assert status == 200 and [(m["id"], m["text"]) for m in page["messages"]] == [(2, "b")]
+
+    async def body():
+        with pytest.raises(websockets.InvalidStatus):
+            await ws_connect(room_url(server, "r", "eve"), open_timeout=5)
+        alice, welcome = await join(room_url(server, "r", "alice", token="a"))
+        assert welcome["last_id"] == 2
+        await alice.close()
+
+    run(body())
+
+
+def test_e2e_idle_timeout_closes_silent_client_but_not_a_pinging_one(serve):
+    """With --timeout 1 a silent client is closed 1000 "Session timeout"; one pinging every 0.3 s stays open."""
+    server = serve("--timeout", "1")
+
+    async def body():
+        idle, welcome = await join(room_url(server, "t", "idle"))
+        busy, _ = await join(room_url(server, "t", "busy"))
+        assert welcome["timeout"] == 1
+
+        async def keep_pinging() -> None:
+            for _ in range(8):
+                await busy.send({"type": "ping"})
+                await busy.recv_until(lambda f: f["type"] == "pong")
+                await asyncio.sleep(0.3)
+
+        closed, _ = await asyncio.gather(idle.closed(5), keep_pinging())
+        assert closed == (1000, "Session timeout")
+        await busy.send("still open")
+        assert (await busy.messages(1))[0]["text"] == "still open"
+        await busy.close()
+
+    run(body())
+
+
+# ---------------------------------------------------------------------------
+# Security and limits: helpers
+# ---------------------------------------------------------------------------
+
+TOKEN = "s3cret"
+
+
+def with_query(url: str, **params: str) -> str:
+    """``url`` with ``params`` appended to its query string (values URL-encoded)."""
+    extra = "&".join(f"{key}={quote(value, safe='')}" for key, value in params.items())
+    return url + ("&" if "?" in url else "?") + extra
+
+
+def credential_in(place: str, url: str, token: str) -> tuple[str, dict]:
+    """(url, connect kwargs) carrying ``token`` in the query, the ``session`` cookie or a Bearer header."""
+    if place == "query":
+        return with_query(url, token=token), {}
+    if place == "cookie":
+        return url, {"additional_headers": {"Cookie": f"session={token}"}}
+    return url, {"additional_headers": {"Authorization": f"Bearer {token}"}}
+
+
+async def handshake_status(url: str, **kwargs: Any) -> int:
+    """101 when the server accepts the WebSocket handshake, else the HTTP status it refused with."""
+    try:
+        async with client(url, **kwargs):
+            return 101
+    except websockets.InvalidStatus as exc:
+        return exc.response.status_code
+
+
+async def assert_route_answers(path: str, url: str, credential: str | None = None, **kwargs: Any) -> None:
+    """Open ``url`` (one of the four WebSocket routes) and check it answers a message as the SPEC says."""
+    expected = {
+        "/ws": lambda f: f == "Message text was: hi",
+        "/ws/carol": lambda f: f == "You wrote: hi",
+        "/items/foo/ws": lambda f: f == f"Session cookie or query token value is: {credential}",
+        "/rooms/sec/ws": lambda f: isinstance(f, dict) and f.get("type") == "message" and f["text"] == "hi",
+    }[path]
+    async with client(url, **kwargs) as ws:
+        await ws.send("hi")
+        await ws.recv_until(expected)
+
+
+def http_with_headers(method: str, url: str, body: Any = None, headers: dict | None = None) -> tuple[int, dict, Any]:
+    """Like ``http`` but also returns the response headers."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as response:
+            status, head, raw = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        status, head, raw = exc.code, dict(exc.headers), exc.read()
+    try:
+        return status, head, json.loads(raw)
+    except ValueError:
+        return status, head, raw.decode()
+
+
+def assert_no_traceback(server: Any) -> None:
+    assert "Traceback" not in server.log, server.log[-4000:]
+
+
+async def get_stats(server: Any) -> dict:
+    status, body = await asyncio.to_thread(http, "GET", server.url + "/stats")
+    assert status == 200, body
+    return body
+
+
+async def get_members(server: Any, room: str) -> list[str]:
+    status, body = await asyncio.to_thread(http, "GET", f"{server.url}/rooms/{room}/members")
+    assert status == 200, body
+    return sorted(body["members"])
+
+
+def small_window_socket(port: int) -> _socket.socket:
+    """A TCP socket to the server with a tiny receive buffer, so a client that stops reading stalls fast."""
+    sock = _socket.socket()
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+class Collector:
+    """Reads a client's frames in the background so it never counts as slow; keeps them all."""
+
+    def __init__(self, ws: Client) -> None:
+        self.ws = ws
+        self.frames: list[Any] = []
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws.socket:
+            self.frames.append(json.loads(raw) if isinstance(raw, str) and raw.startswith("{") else raw)
+
+    def texts(self, senders: tuple[str, ...] | None = None) -> list[str]:
+        return [f["text"] for f in self.frames if isinstance(f, dict) and f.get("type") == "message"
+                and (senders is None or f["from"] in senders)]
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+            await self.task
+
+
+async def connections_are(server: Any, count: int) -> bool:
+    return (await get_stats(server))["connections"] == count
+
+
+async def members_are(server: Any, room: str, expected: list[str]) -> bool:
+    return await get_members(server, room) == sorted(expected)
+
+
+def presence_ids(who: Collector, key: str) -> list[str]:
+    """Every id in the ``joined`` or ``left`` lists of the presence frames a client received."""
+    return [i for f in who.frames if isinstance(f, dict) and f.get("type") == "presence" for i in f[key]]
+
+
+# ---------------------------------------------------------------------------
+# Security: tokens
+# ---------------------------------------------------------------------------
+
+WS_ROUTES = ["/ws", "/ws/carol", "/items/foo/ws", "/rooms/sec/ws"]
+
+
+@pytest.mark.parametrize("place", ["query", "cookie", "bearer"])
+def test_tokens_admit_websockets_with_token_in_query_cookie_or_bearer(serve, place):
+    """With --token, every WebSocket route works for a client carrying the token in the query, cookie or header."""
+    server = serve("--token", TOKEN)
+
+    async def body():
+        for path in WS_ROUTES:
+            url, kwargs = credential_in(place, server.ws_url + path, TOKEN)
+            await assert_route_answers(path, url, credential=TOKEN, **kwargs)
+
+    run(body(), 30)
+    assert_no_traceback(server)
+
+
+def test_tokens_refuse_websockets_without_the_right_token(serve):
+    """With --token, a missing, wrong, partial or mis-schemed token is refused with HTTP 403 on every route."""
+    server = serve("--token", TOKEN)
+    same_origin = {"Origin": f"http://127.0.0.1:{server.port}"}
+
+    async def body():
+        for path in WS_ROUTES:
+            url = server.ws_url + path
+            assert await handshake_status(url) == 403, path
+            for wrong in ("nope", TOKEN[:-1], TOKEN + "x", TOKEN.upper()):
+                for place in ("query", "cookie", "bearer"):
+                    wrong_url, kwargs = credential_in(place, url, wrong)
+                    assert await handshake_status(wrong_url, **kwargs) == 403, (path, place, wrong)
+            assert await handshake_status(url, additional_headers={"Authorization": f"Basic {TOKEN}"}) == 403
+            assert await handshake_status(url, additional_headers={"Cookie": f"token={TOKEN}"}) == 403
+            # The right token does not make a foreign origin acceptable.
+            assert await handshake_status(with_query(url, token=TOKEN),
+                                          additional_headers={"Origin": "http://evil.example"}) == 403
+            assert await handshake_status(with_query(url, token=TOKEN), additional_headers=same_origin) == 101
+
+    run(body(), 60)
+    assert_no_traceback(server)
+
+
+def test_tokens_guard_the_http_api_but_not_page_or_healthz(serve):
+    """With --token, /stats, /rooms, members, history and POST answer 401 + WWW-Authenticate without it; / and /healthz stay open."""
+    server = serve("--token", TOKEN)
+    base = server.url
+    api = [("GET", "/stats", None), ("GET", "/rooms", None), ("GET", "/rooms/sec/members", None),
+           ("GET", "/rooms/sec/messages", None), ("POST", "/rooms/sec/messages", {"text": "hello"})]
+    for method, path, body in api:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Cookie": "session=nope"}):
+            status, head, _ = http_with_headers(method, base + path, body, headers)
+            assert status == 401, (method, path, headers)
+            assert head.get("www-authenticate", head.get("WWW-Authenticate", "")).startswith("Bearer")
+        status, _, _ = http_with_headers(method, with_query(base + path, token="nope"), body)
+        assert status == 401, (method, path)
+        for headers, url in (({"Authorization": f"Bearer {TOKEN}"}, base + path),
+                             ({"Cookie": f"session={TOKEN}"}, base + path),
+                             ({}, with_query(base + path, token=TOKEN))):
+            status, _, answer = http_with_headers(method, url, body, headers)
+            assert status == (201 if method == "POST" else 200), (method, path, answer)
+    assert http("GET", base + "/healthz") == (200, {"status": "ok"})
+    status, page = http("GET", base + "/")
+    assert status == 200 and "<html" in page
+
+
+def test_tokens_from_env_comma_separated(serve):
+    """WSCHAT_TOKENS=a,b makes each of a and b a valid token (and not the whole string)."""
+    server = serve(env={"WSCHAT_TOKENS": "alpha-1,beta-2"})
+    url = server.ws_url + "/rooms/sec/ws"
+
+    async def body():
+        for token in ("alpha-1", "beta-2"):
+            await assert_route_answers("/rooms/sec/ws", with_query(url, token=token))
+        assert await handshake_status(with_query(url, token="alpha-1,beta-2")) == 403
+        assert await handshake_status(url) == 403
+
+    run(body(), 30)
+    status, _ = http("POST", server.url + "/rooms/sec/messages", {"text": "x"}, {"Authorization": "Bearer beta-2"})
+    assert status == 201
+    assert http("POST", server.url + "/rooms/sec/messages", {"text": "x"})[0] == 401
+
+
+# ---------------------------------------------------------------------------
+# Security: the authenticate hook
+# ---------------------------------------------------------------------------
+
+IDENTITIES = {"tok-alice": "alice", "tok-bob": "bob"}
+
+
+def sync_hook(credential: str) -> str | None:
+    return IDENTITIES.get(credential)
+
+
+async def async_hook(credential: str) -> str | None:
+    await asyncio.sleep(0)
+    return IDENTITIES.get(credential)
+
+
+@pytest.mark.parametrize("hook", [sync_hook, async_hook], ids=["sync", "async"])
+def test_authenticate_identity_becomes_client_id(hook):
+    """The hook's identity is the client id: ?client_id= and the lobby path cannot override it."""
+    with TestClient(wschat.create_app(authenticate=hook, presence_interval=0.01)) as http_client:
+        with http_client.websocket_connect("/rooms/r/ws?client_id=mallory&token=tok-alice") as alice:
+            welcome = alice.receive_json()
+            assert welcome["client_id"] == "alice" and welcome["members"] == ["alice"]
+            alice.send_json({"type": "message", "text": "hi"})
+            frame = alice.receive_json()
+            while frame["type"] != "message":
+                frame = alice.receive_json()
+            assert frame["from"] == "alice"
+        with http_client.websocket_connect("/ws/mallory", headers={"Authorization": "Bearer tok-bob"}) as bob:
+            with http_client.websocket_connect("/ws/eve", headers={"Cookie": "session=tok-alice"}) as alice:
+                assert bob.receive_text() == "Client #alice joined the chat"
+                alice.send_text("hello")
+                assert alice.receive_text() == "You wrote: hello"
+                assert bob.receive_text() == "Client #alice says: hello"
+                listed = http_client.get("/rooms/lobby/members", headers={"Authorization": "Bearer tok-bob"})
+                assert sorted(listed.json()["members"]) == ["alice", "bob"]
+
+
+@pytest.mark.parametrize("hook", [sync_hook, async_hook], ids=["sync", "async"])
+def test_authenticate_none_refuses_with_1008(hook):
+    """When the hook returns None (or there is no credential) every WebSocket route is refused with 1008, HTTP with 401."""
+    with TestClient(wschat.create_app(authenticate=hook)) as http_client:
+        for path in ("/ws", "/ws/carol", "/items/foo/ws", "/rooms/r/ws"):
+            for suffix in ("", "?token=unknown"):
+                with pytest.raises(WebSocketDisconnect) as refused:
+                    with http_client.websocket_connect(path + suffix):
+                        pass
+                assert refused.value.code == 1008, (path, suffix)
+        assert http_client.get("/stats", headers={"Authorization": "Bearer unknown"}).status_code == 401
+        assert http_client.get("/stats", headers={"Authorization": "Bearer tok-bob"}).status_code == 200
+
+
+def test_authenticate_overrides_tokens_and_failures_refuse():
+    """With a hook, static tokens no longer admit; a hook that raises or returns a bad id refuses (1008), not 500."""
+    def hook(credential: str) -> str | None:
+        if credential == "boom":
+            raise RuntimeError("database down")
+        return {"tok-alice": "alice", "ctl": "bad\x01id"}.get(credential)
+
+    with TestClient(wschat.create_app(authenticate=hook, tokens=["static"])) as http_client:
+        for credential in ("static", "boom", "ctl"):
+            with pytest.raises(WebSocketDisconnect) as refused:
+                with http_client.websocket_connect(f"/rooms/r/ws?token={credential}"):
+                    pass
+            assert refused.value.code == 1008, credential
+        with http_client.websocket_connect("/rooms/r/ws?token=tok-alice") as alice:
+            assert alice.receive_json()["client_id"] == "alice"
+
+
+def test_authenticate_post_sender_is_the_identity():
+    """POST with a hook publishes as the caller's identity; claiming another "from" is refused with 403."""
+    with TestClient(wschat.create_app(authenticate=sync_hook)) as http_client:
+        auth = {"Authorization": "Bearer tok-alice"}
+        posted = http_client.post("/rooms/r/messages", json={"text": "hi"}, headers=auth)
+        assert posted.status_code == 201 and posted.json()["from"] == "alice"
+        spoofed = http_client.post("/rooms/r/messages", json={"text": "hi", "from": "bob"}, headers=auth)
+        assert spoofed.status_code == 403
+        assert [m["from"] for m in http_client.get("/rooms/r/messages", headers=auth).json()["messages"]] == ["alice"]
+
+
+# ---------------------------------------------------------------------------
+# Security: demo mode
+# ---------------------------------------------------------------------------
+
+def test_demo_mode_chat_open_item_route_needs_a_credential(serve):
+    """Without tokens chat and POST are open; the item route still refuses a missing or empty credential."""
+    server = serve()
+
+    async def body():
+        await assert_route_answers("/rooms/sec/ws", server.ws_url + "/rooms/sec/ws")
+        await assert_route_answers("/ws/carol", server.ws_url + "/ws/carol")
+        await assert_route_answers("/ws", server.ws_url + "/ws")
+        item = server.ws_url + "/items/foo/ws"
+        assert await handshake_status(item) == 403
+        assert await handshake_status(item + "?token=") == 403
+        assert await handshake_status(item, additional_headers={"Cookie": "session="}) == 403
+        await assert_route_answers("/items/foo/ws", item + "?token=anything", credential="anything")
+        await assert_route_answers("/items/foo/ws", item, credential="cookie-value",
+                                   additional_headers={"Cookie": "session=cookie-value"})
+
+    run(body(), 30)
+    assert http("POST", server.url + "/rooms/sec/messages", {"text": "open"})[0] == 201
+    assert http("GET", server.url + "/stats")[0] == 200
+
+
+def test_demo_mode_serve_warns_on_non_loopback_host(serve):
+    """`serve --host 0.0.0.0` without tokens prints a warning; on loopback or with a token it does not."""
+    exposed = serve("--host", "0.0.0.0")
+    assert "warning" in exposed.log.lower() and "demo mode" in exposed.log, exposed.log
+    exposed.stop()
+    loopback = serve()
+    guarded = serve("--host", "0.0.0.0", "--token", TOKEN)
+    for quiet in (loopback, guarded):
+        assert "demo mode" not in quiet.log and "warning" not in quiet.log.lower(), quiet.log
+
+
+# ---------------------------------------------------------------------------
+# Security: Origin check
+# ---------------------------------------------------------------------------
+
+def test_origin_default_accepts_same_origin_and_no_origin_only(serve):
+    """By default a foreign Origin is refused (403) on every WebSocket route; same origin and no Origin are accepted."""
+    server = serve()
+    same = f"http://127.0.0.1:{server.port}"
+
+    async def body():
+        for path in WS_ROUTES:
+            url = with_query(server.ws_url + path, token="t")
+            for foreign in ("http://evil.example", f"http://127.0.0.1:{server.port + 1}",
+                            f"https://127.0.0.1:{server.port}.evil.example", "null"):
+                assert await handshake_status(url, additional_headers={"Origin": foreign}) == 403, (path, foreign)
+            assert await handshake_status(url, additional_headers={"Origin": same}) == 101, path
+            assert await handshake_status(url) == 101, path
+
+    run(body(), 30)
+    assert http("POST", server.url + "/rooms/o/messages", {"text": "x"}, {"Origin": "http://evil.example"})[0] == 403
+    assert http("POST", server.url + "/rooms/o/messages", {"text": "x"}, {"Origin": same})[0] == 201
+
+
+def test_origin_allowed_origin_allows_exactly_that_origin(serve):
+    """--allowed-origin https://a.example admits that origin and refuses look-alikes."""
+    server = serve("--allowed-origin", "https://a.example")
+    url = server.ws_url + "/rooms/o/ws"
+
+    async def body():
+        assert await handshake_status(url, additional_headers={"Origin": "https://a.example"}) == 101
+        for other in ("https://b.example", "http://a.example", "https://a.example:8443",
+                      "https://sub.a.example", "https://a.example.evil.com"):
+            assert await handshake_status(url, additional_headers={"Origin": other}) == 403, other
+
+    run(body(), 30)
+
+
+def test_origin_star_allows_all(serve):
+    """--allowed-origin '*' admits a handshake from any Origin."""
+    server = serve("--allowed-origin", "*")
+
+    async def body():
+        for origin in ("http://evil.example", "https://a.example", "null"):
+            status = await handshake_status(server.ws_url + "/rooms/o/ws", additional_headers={"Origin": origin})
+            assert status == 101, origin
+
+    run(body(), 20)
+
+
+# ---------------------------------------------------------------------------
+# Limits: names, timeout, size, binary, bad input
+# ---------------------------------------------------------------------------
+
+def test_limits_invalid_room_and_client_id_are_refused(serve):
+    """Bad room names and client ids are refused at the handshake (HTTP 403); edge-valid ones are accepted."""
+    server = serve()
+    ws = server.ws_url
+
+    async def body():
+        for path in ("/rooms/bad%20name%21/ws", "/rooms/" + "r" * 65 + "/ws", "/rooms/caf%C3%A9/ws",
+                     "/rooms/ok/ws?client_id=" + "c" * 65, "/rooms/ok/ws?client_id=a%01b",
+                     "/rooms/ok/ws?client_id=tab%09", "/rooms/ok/ws?client_id=del%7F",
+                     "/rooms/ok/ws?client_id=", "/ws/" + "c" * 65, "/ws/bell%07"):
+            assert await handshake_status(ws + path) == 403, path
+        edge, welcome = await join(ws + "/rooms/" + "r" * 64 + "/ws?client_id=" + "c" * 64)
+        assert welcome["client_id"] == "c" * 64
+        await edge.close()
+        spaced, welcome = await join(ws + "/rooms/a.b_c-9/ws?client_id=" + quote("é ok 😀"))
+        assert welcome["client_id"] == "é ok 😀" and welcome["room"] == "a.b_c-9"
+        await spaced.close()
+
+    run(body(), 30)
+    assert http("GET", server.url + "/rooms/bad%20name%21/members")[0] == 422
+    assert http("POST", server.url + "/rooms/bad%20name%21/messages", {"text": "x"})[0] == 422
+    with TestClient(wschat.create_app()) as http_client:
+        for path in ("/rooms/bad%20name%21/ws", "/rooms/ok/ws?client_id=" + "c" * 65):
+            with pytest.raises(WebSocketDisconnect) as refused:
+                with http_client.websocket_connect(path):
+                    pass
+            assert refused.value.code == 1008, path
+
+
+def test_limits_idle_timeout_closes_with_1000_session_timeout(serve):
+    """With --timeout 1 a silent client on any route is closed 1000 'Session timeout'; a pinging one stays."""
+    server = serve("--timeout", "1")
+    ws = server.ws_url
+
+    async def silent(url: str) -> tuple[int | None, str]:
+        async with client(url) as quiet:
+            return await quiet.closed(timeout=6)
+
+    async def pinging() -> int:
+        chatty, welcome = await join(ws + "/rooms/idle/ws?client_id=chatty")
+        assert welcome["timeout"] == 1
+        pongs = 0
+        for _ in range(8):   # 8 x 0.3 s = 2.4 s, well past the 1 s timeout
+            await chatty.send({"type": "ping"})
+            await chatty.recv_until(lambda f: f == {"type": "pong"}, timeout=2)
+            pongs += 1
+            await asyncio.sleep(0.3)
+        await chatty.close()
+        return pongs
+
+    async def body():
+        return await asyncio.gather(silent(ws + "/rooms/idle/ws?client_id=quiet"), silent(ws + "/ws/quiet"),
+                                    silent(ws + "/ws"), silent(ws + "/items/foo/ws?token=t"), pinging())
+
+    *closes, pongs = run(body(), 30)
+    assert closes == [(1000, "Session timeout")] * 4
+    assert pongs == 8
+    assert_no_traceback(server)
+
+
+def test_limits_frame_over_max_message_size_closes_with_1009(serve):
+    """A frame over --max-message-size (counted in UTF-8 bytes) closes with 1009; one at the limit is delivered."""
+    server = serve("--max-message-size", "1000", "--rate", "0")
+    room = server.ws_url + "/rooms/big/ws?client_id="
+
+    async def body():
+        alice, _ = await join(room + "alice")
+        bob, _ = await join(room + "bob")
+        await alice.send("a" * 1000)
+        assert [m["text"] for m in await bob.messages(1)] == ["a" * 1000]
+        await alice.send("a" * 1001)
+        assert (await alice.closed())[0] == 1009
+        async with client(room + "carol") as carol:
+            await carol.send('{"type":"message","text":"' + "é" * 490 + '"}')   # 1007 bytes, 516 characters
+            assert (await carol.closed())[0] == 1009
+        for url in (server.ws_url + "/ws", server.ws_url + "/ws/dave", server.ws_url + "/items/i/ws?token=t"):
+            async with client(url) as other:
+                await other.send("x" * 1001)
+                assert (await other.closed())[0] == 1009, url
+        await bob.send("still here")
+        assert [m["text"] for m in await bob.messages(1)] == ["still here"]
+        await bob.close()
+
+    run(body(), 30)
+    assert_no_traceback(server)
+    with TestClient(wschat.create_app(max_message_size=1000)) as http_client:   # mounted: no uvicorn limit
+        with http_client.websocket_connect("/rooms/big/ws") as mounted:
+            assert mounted.receive_json()["type"] == "welcome"
+            mounted.send_text("é" * 501)
+            with pytest.raises(WebSocketDisconnect) as closed:
+                while mounted.receive_json()["type"] != "message":   # delivering it would end the loop
+                    pass
+            assert closed.value.code == 1009
+
+
+def test_limits_binary_frame_on_text_routes_closes_with_1003(serve):
+    """A binary frame on any of the four text routes closes that connection with 1003."""
+    server = serve()
+
+    async def probe(path: str) -> int | None:
+        async with client(server.ws_url + path) as ws:
+            await ws.send(b"\x00\x01binary")
+            return (await ws.closed())[0]
+
+    async def body():
+        paths = ("/ws", "/ws/carol", "/items/foo/ws?token=t", "/rooms/bin/ws?client_id=a")
+        return await asyncio.gather(*(probe(path) for path in paths))
+
+    codes = run(body(), 20)
+    assert codes == [1003] * 4
+    assert_no_traceback(server)
+
+
+BAD_FRAMES = [
+    "{not json",
+    "   {still not json",
+    '{"type":"message","text":"x"} trailing',
+    '{"a":' * 3000 + "1" + "}" * 3000,          # nested too deep
+    '{"text": "no type"}',
+    '{"type": "dance", "text": "x"}',
+    '{"type": 5}',
+    '{"type": "message"}',
+    '{"type": "message", "text": 42}',
+    '{"type": "message", "text": null}',
+    '{"type": "message", "text": ["a"]}',
+    '{"type": "message", "text": {"nested": "x"}}',
+    '{"type": "message", "text": ""}',
+    '{"type": "message", "text": "\\ud800"}',
+    '{"type": "message", "text": "x", "to": 7}',
+    '{"type": "message", "text": "x", "to": "nobody-here"}',
+    "",
+]
+
+
+def test_limits_bad_input_gets_error_frames_and_connection_stays_open(serve):
+    """Invalid JSON, unknown type, missing/non-string text and the like get one error frame each; nothing is delivered; the connection stays open."""
+    server = serve("--rate", "0")
+    room = server.ws_url + "/rooms/bad/ws?client_id="
+
+    async def body():
+        alice, _ = await join(room + "alice")
+        bob, _ = await join(room + "bob")
+        for frame in BAD_FRAMES:
+            await alice.send(frame)
+        await alice.send({"type": "message", "text": "valid after all that"})
+        errors = []
+        while True:
+            frame = await alice.recv()
+            if frame.get("type") == "message":
+                break
+            if frame.get("type") == "error":
+                errors.append(frame["error"])
+        assert len(errors) == len(BAD_FRAMES) and all(isinstance(e, str) and e for e in errors), errors
+        assert frame["text"] == "valid after all that"
+        assert [m["text"] for m in await bob.messages(1)] == ["valid after all that"]
+        async with client(server.ws_url + "/ws/lobbyist") as lobbyist:
+            await lobbyist.send("")
+            assert (await lobbyist.recv()).startswith("Error: ")
+            await lobbyist.send("hi")
+            assert await lobbyist.recv() == "You wrote: hi"
+        await bob.close()
+        await alice.close()
+
+    run(body(), 30)
+    assert_no_traceback(server)
+
+
+# ---------------------------------------------------------------------------
+# Limits: rate, connections, slow and vanished clients, shutdown
+# ---------------------------------------------------------------------------
+
+def test_limits_rate_burst_over_twice_rate_gets_errors_not_delivery(serve):
+    """With --rate 5, a burst of 30 frames: the first 10 (2 x rate) are delivered, the excess gets error frames and reaches nobody; the connection stays open."""
+    server = serve("--rate", "5")
+    room = server.ws_url + "/rooms/rate/ws?client_id="
+
+    async def body():
+        alice, _ = await join(room + "alice")
+        bob, _ = await join(room + "bob")
+        started = time.monotonic()
+        for i in range(30):
+            await alice.socket.send(f"burst {i}")
+        replies = []
+        while len(replies) < 30:
+            frame = await alice.recv()
+            if frame.get("type") in ("message", "error"):
+                replies.append(frame)
+        elapsed = time.monotonic() - started     # the server took at most this long over the burst
+        delivered = [f["text"] for f in replies if f["type"] == "message"]
+        errors = [f["error"] for f in replies if f["type"] == "error"]
+        assert [f["type"] for f in replies[:10]] == ["message"] * 10
+        assert len(delivered) <= 10 + 5 * elapsed + 1, (len(delivered), elapsed)
+        assert errors and all("rate" in e for e in errors), errors
+        assert [m["text"] for m in await bob.messages(len(delivered))] == delivered
+        await asyncio.sleep(0.5)          # the bucket refills at 5/s: let it earn a couple of tokens
+        await alice.send("after the burst")
+        assert [m["text"] for m in await bob.messages(1)] == ["after the burst"]
+        await bob.close()
+        await alice.close()
+
+    run(body(), 30)
+
+
+def test_limits_max_connections_refuses_the_next_with_1013(serve):
+    """With --max-connections 3 the 4th client is closed with 1013; once one leaves a new one gets in."""
+    server = serve("--max-connections", "3")
+    room = server.ws_url + "/rooms/full/ws?client_id="
+
+    async def body():
+        first = [(await join(room + f"c{i}"))[0] for i in range(3)]
+        async with client(room + "c3") as fourth:
+            assert (await fourth.closed())[0] == 1013
+        async with client(server.ws_url + "/ws") as echo:
+            assert (await echo.closed())[0] == 1013
+        assert await get_members(server, "full") == ["c0", "c1", "c2"]
+        await first[0].close()
+        await wait_for_condition(lambda: connections_are(server, 2))
+        later, welcome = await join(room + "c4")
+        assert welcome["client_id"] == "c4"
+        for ws in (later, *first[1:]):
+            await ws.close()
+
+    run(body(), 30)
+
+
+def test_limits_slow_client_closed_with_1013_others_get_everything(serve):
+    """A client that never reads is closed with 1013 and counted once its queue passes --send-queue; the others receive every message in order."""
+    server = serve("--send-queue", "8", "--rate", "0")
+    room = server.ws_url + "/rooms/slow/ws?client_id="
+    payload = "x" * 32_000
+
+    async def body():
+        lazy = Client(await ws_connect(room + "lazy", sock=small_window_socket(server.port), max_queue=1,
+                                       open_timeout=5, close_timeout=2))
+        alice = Collector((await join(room + "alice"))[0])
+        bob = Collector((await join(room + "bob"))[0])
+        sent: list[str] = []
+        tail = None
+        for i in range(600):
+            text = f"{i:04d} {payload}"
+            await alice.ws.send(text)
+            sent.append(text)
+            await wait_for_condition(lambda: len(alice.texts()) == len(sent), timeout=10, interval=0.002)
+            if tail is None and i % 10 == 0 and (await get_stats(server))["slow_clients_dropped"]:
+                tail = i + 20            # keep chatting a while after the drop
+            if i == tail:
+                break
+        assert tail is not None, "the client that never reads was never dropped"
+        await wait_for_condition(lambda: len(bob.texts()) == len(sent), timeout=20)
+        assert bob.texts() == sent and alice.texts() == sent
+        assert await get_members(server, "slow") == ["alice", "bob"]
+        assert (await get_stats(server))["slow_clients_dropped"] == 1
+        assert (await lazy.closed(timeout=20))[0] == 1013
+        for who in (alice, bob):
+            await who.stop()
+            await who.ws.close()
+
+    run(body(), 90)
+    assert_no_traceback(server)
+
+
+def test_limits_vanished_client_cleaned_up_once_quietly(serve):
+    """Clients whose TCP connection vanishes (one while the server is blocked sending to it) are removed once; others get every message; no traceback."""
+    server = serve("--rate", "0", "--log-level", "debug")
+    room = server.ws_url + "/rooms/gone/ws?client_id="
+
+    async def body():
+        alice = Collector((await join(room + "alice"))[0])
+        bob = Collector((await join(room + "bob"))[0])
+        reader, _ = await join(room + "reader")
+        stalled = Client(await ws_connect(room + "stalled", sock=small_window_socket(server.port), max_queue=1,
+                                          open_timeout=5, close_timeout=2))
+        await wait_for_condition(lambda: {"reader", "stalled"} <= set(presence_ids(bob, "joined")))
+        sent = []
+        for i in range(60):
+            text = f"{i:03d} " + "y" * 20_000
+            await alice.ws.send(text)
+            sent.append(text)
+            if i == 10:
+                reader.socket.transport.abort()       # vanishes while frames are flowing to it
+            if i == 50:
+                stalled.socket.transport.abort()      # vanishes while its writer waits on a full socket
+        await wait_for_condition(lambda: len(bob.texts()) == len(sent), timeout=20)
+        assert bob.texts() == sent and alice.texts() == sent
+        await wait_for_condition(lambda: members_are(server, "gone", ["alice", "bob"]), timeout=10)
+        await wait_for_condition(lambda: connections_are(server, 2), timeout=10)
+        await asyncio.sleep(0.6)   # proving a negative: no second "left" arrives after a few presence intervals
+        assert sorted(presence_ids(bob, "left")) == ["reader", "stalled"], bob.frames
+        assert (await get_stats(server))["slow_clients_dropped"] == 0
+        for who in (alice, bob):
+            await who.stop()
+            await who.ws.close()
+
+    run(body(), 60)
+    assert_no_traceback(server)
+
+
+def test_limits_shutdown_sends_every_client_a_close_frame(serve):
+    """On SIGTERM every connected client, on every route, gets close 1001 or 1012 within 5 s, and the server exits cleanly."""
+    server = serve()
+    ws = server.ws_url
+
+    async def body():
+        clients = [Client(await ws_connect(ws + path, open_timeout=5)) for path in
+                   ("/rooms/down/ws?client_id=a", "/rooms/down/ws?client_id=b", "/ws/c", "/ws",
+                    "/items/i/ws?token=t")]
+        await wait_for_condition(lambda: connections_are(server, len(clients)))
+        os.kill(server.process.pid, signal.SIGTERM)
+        return await asyncio.wait_for(asyncio.gather(*(c.closed(timeout=5) for c in clients)), 5)
+
+    closes = run(body(), 20)
+    assert all(code in (1001, 1012) for code, _ in closes), closes
+    assert server.process.wait(10) in (0, -signal.SIGTERM)   # uvicorn re-raises the signal it handled
+    assert_no_traceback(server)
+
+
+# ---------------------------------------------------------------------------
+# Security: secrets never logged
+# ---------------------------------------------------------------------------
+
+def test_secrets_never_appear_in_the_log(serve):
+    """With --log-level debug, a token used in query, cookie, header, POST and failing requests never shows in the server log."""
+    secret = "s3cret-token"
+    server = serve("--token", secret, "--log-level", "debug")
+    ws, base = server.ws_url, server.url
+    bearer = {"Authorization": f"Bearer {secret}"}
+    cookie = {"Cookie": f"session={secret}"}
+
+    async def body():
+        alice, _ = await join(f"{ws}/rooms/sec/ws?client_id=alice&token={secret}")
+        await alice.send("{bad json")
+        assert (await alice.recv_until(lambda f: f.get("type") == "error"))["type"] == "error"
+        await alice.send("hello")
+        await alice.messages(1)
+        async with client(ws + "/ws/lobbyist", additional_headers=cookie) as lobbyist:
+            await lobbyist.send("hi")
+            assert await lobbyist.recv() == "You wrote: hi"
+        async with client(ws + "/ws", additional_headers=bearer) as echo:
+            await echo.send(b"binary")
+            assert (await echo.closed())[0] == 1003
+        async with client(f"{ws}/items/i/ws?token={secret}&q=3") as item:
+            await item.send("hi")
+            assert await item.recv() == f"Session cookie or query token value is: {secret}"
+        async with client(f"{ws}/items/i/ws", additional_headers=cookie) as item:
+            await item.send("z" * 70_000)
+            assert (await item.closed())[0] == 1009
+        for url, extra in ((f"{ws}/rooms/sec/ws?token={secret}&since=abc", {}),
+                           (f"{ws}/items/i/ws?token={secret}&q=notanint", {}),
+                           (f"{ws}/rooms/bad%20room/ws?token={secret}", {}),
+                           (f"{ws}/nowhere?token={secret}", {}),
+                           (f"{ws}/rooms/sec/ws?token={secret}", {"Origin": "http://evil.example"}),
+                           (f"{ws}/rooms/sec/ws?token=wrong", {})):
+            assert await handshake_status(url, additional_headers=extra) in (403, 404), url
+        await alice.close()
+
+    run(body(), 30)
+    assert http("POST", base + "/rooms/sec/messages", {"text": "hi"}, bearer)[0] == 201
+    assert http("POST", f"{base}/rooms/sec/messages?token={secret}", {"text": "hi"})[0] == 201
+    assert http("POST", base + "/rooms/sec/messages", {"nope": 1}, cookie)[0] == 422
+    assert http("POST", base + "/rooms/sec/messages", {"text": "x"},
+                {**bearer, "Origin": "http://evil.example"})[0] == 403
+    assert http("GET", f"{base}/stats?token={secret}")[0] == 200
+    assert http("GET", f"{base}/nowhere?token={secret}", headers=bearer)[0] == 404
+    server.stop()
+    log = server.log
+    assert "DEBUG" in log or "debug" in log.lower(), "debug logging did not switch on"
+    assert secret not in log, [line for line in log.splitlines() if secret in line]
+    assert "Traceback" not in log
+
+
+# ---------------------------------------------------------------------------
+# Limits: property-based abuse against a live server
+# ---------------------------------------------------------------------------
+
+ABUSE_LIMIT = 4096
+_PREFIX, _SUFFIX = '{"type":"message","text":"', '"}'
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+room_frames = st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "ping", "dance", "", None])},
+    optional={"text": st.text(max_size=40) | json_values,
+              "to": st.sampled_from(["alice", "bob", "nobody"]) | json_values}).map(json.dumps)
+surrogate_frames = st.builds(
+    lambda cp, where: {"text": _PREFIX + f"a\\u{cp:04x}b" + _SUFFIX,
+                       "to": '{"type":"message","text":"x","to":"\\u%04x"}' % cp,
+                       "type": '{"type":"\\u%04x","text":"x"}' % cp,
+                       "bare": f"\\u{cp:04x}"}[where],
+    st.integers(0xD800, 0xDFFF), st.sampled_from(["text", "to", "type", "bare"]))
+def _sized_frame(size: int, char: str, wrapped: bool) -> str:
+    """A frame of about ``size`` UTF-8 bytes: bare text or a JSON message, made of ``char``."""
+    room = size - (len(_PREFIX) + len(_SUFFIX) if wrapped else 0)
+    body = char * (room // len(char.encode()))
+    return _PREFIX + body + _SUFFIX if wrapped else body
+
+
+huge_frames = st.builds(_sized_frame, st.integers(ABUSE_LIMIT - 40, ABUSE_LIMIT + 40),
+                        st.sampled_from(["h", "{", "é", "€", "😀"]), st.booleans())
+abuse_actions = st.lists(st.one_of(
+    json_values.map(json.dumps), room_frames, surrogate_frames, huge_frames,
+    st.text(max_size=200), st.binary(max_size=64)), min_size=1, max_size=6)
+abuse_routes = st.sampled_from(["/rooms/prop/ws", "/rooms/other/ws", "/ws/z-abuser", "/ws", "/items/1/ws?token=t"])
+abuse_ends = st.sampled_from(["close", "abort", "abort_mid_frame", "fin"])
+
+
+def test_limits_property_random_abuse_never_hurts_well_behaved_clients(serve):
+    """Random JSON, surrogates, near-limit and binary frames and abrupt disconnects never break the server or two well-behaved clients."""
+    server = serve("--rate", "0", "--max-message-size", str(ABUSE_LIMIT))
+    room = server.ws_url + "/rooms/prop/ws?client_id="
+    loop = asyncio.new_event_loop()
+
+    def call(coro: Awaitable[Any], timeout: float = 30) -> Any:
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    async def connect_good() -> tuple[Collector, Collector]:
+        return tuple([Collector((await join(room + name))[0]) for name in ("alice", "bob")])
+
+    alice, bob = call(connect_good())
+    sent: dict[str, list[str]] = {"alice": [], "bob": []}
+    counter = itertools.count()
+
+    async def abuse(route: str, actions: list, end: str, index: int) -> None:
+        url = server.ws_url + route
+        if route.startswith("/rooms/"):
+            url = with_query(url, client_id=f"z-{index}")
+        ws = await ws_connect(url, open_timeout=5, close_timeout=2, max_queue=None)
+        try:
+            for n, action in enumerate(actions):
+                name, talker = (("alice", alice), ("bob", bob))[n % 2]
+                good = f"good {next(counter)}"
+                sent[name].append(good)
+                await talker.ws.send(good)
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(action)
+        finally:
+            if end == "abort":
+                ws.transport.abort()
+            elif end == "abort_mid_frame":
+                ws.transport.write(b"\x81\xfe\x03\xe8\x00\x00\x00\x00" + b"partial")  # 1000-byte frame, 7 sent
+                ws.transport.abort()
+            elif end == "fin":
+                ws.transport.close()              # TCP FIN without a close frame
+            else:
+                await ws.close()
+
+    async def settle() -> None:
+        total = len(sent["alice"]) + len(sent["bob"])
+        for who in (alice, bob):
+            await wait_for_condition(lambda: len(who.texts(("alice", "bob"))) >= total, timeout=15)
+            assert who.texts(("alice",)) == sent["alice"] and who.texts(("bob",)) == sent["bob"]
+            ids = [f["id"] for f in who.frames if isinstance(f, dict) and f.get("type") == "message" and "id" in f]
+            assert ids == sorted(set(ids)), "message ids out of order or repeated"
+            assert not who.task.done(), f"a well-behaved client was disconnected: {who.ws.socket.close_code}"
+        assert alice.texts(("alice", "bob")) == bob.texts(("alice", "bob")), "the two saw different orders"
+        await wait_for_condition(lambda: connections_are(server, 2), timeout=10)
+        await wait_for_condition(lambda: members_are(server, "prop", ["alice", "bob"]), timeout=10)
+        assert await asyncio.to_thread(http, "GET", server.url + "/healthz") == (200, {"status": "ok"})
+
+    @hypothesis_settings(max_examples=40, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(route=abuse_routes, actions=abuse_actions, end=abuse_ends)
+    def property_holds(route: str, actions: list, end: str) -> None:
+        call(abuse(route, actions, end, next(counter)))
+        call(settle())
+
+    try:
+        property_holds()
+        assert http("GET", server.url + "/rooms")[1] == {"rooms": [{"room": "prop", "count": 2}]}
+    finally:
+        async def shutdown() -> None:
+            for who in (alice, bob):
+                await who.stop()
+                await who.ws.close()
+        call(shutdown())
+        loop.close()
+    assert_no_traceback(server)
+
+
+# ---------------------------------------------------------------------------
+# Soak
+# ---------------------------------------------------------------------------
+
+def _rss_kib(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(300)
+def test_soak_connect_disconnect_cycles_leave_nothing_behind(serve):
+    """3,000 concurrent connect/message/disconnect cycles (some aborted) leave no connections, members or memory growth."""
+    server = serve("--rate", "0")
+    ws = server.ws_url
+    rooms = [f"soak{i}" for i in range(8)]
+
+    async def cycle(i: int) -> None:
+        kind = i % 6
+        if kind <= 2:
+            joined, _ = await join(f"{ws}/rooms/{rooms[i % 8]}/ws?client_id=s{i}")
+            await joined.send({"type": "message", "text": f"cycle {i}"})
+            await joined.recv_until(lambda f: f.get("type") == "message" and f["text"] == f"cycle {i}", timeout=30)
+            if kind == 2:
+                joined.socket.transport.abort()
+            else:
+                await joined.close()
+        elif kind == 3:
+            async with client(f"{ws}/ws/s{i}") as lobby:
+                await lobby.send("hi")
+                await lobby.recv_until(lambda f: f == "You wrote: hi", timeout=30)
+        elif kind == 4:
+            async with client(f"{ws}/ws") as echo:
+                await echo.send("hi")
+                assert await echo.recv(timeout=30) == "Message text was: hi"
+        else:
+            async with client(f"{ws}/items/{i}/ws?token=t") as item:
+                await item.send("hi")
+                await item.recv(timeout=30)
+                item.socket.transport.abort()
+
+    async def soak_round(count: int, start: int) -> None:
+        gate = asyncio.Semaphore(24)        # 24 cycles in flight at any time
+
+        async def one(i: int) -> None:
+            async with gate:
+                await cycle(i)
+
+        await asyncio.gather(*(one(i) for i in range(start, start + count)))
+        await wait_for_condition(lambda: connections_are(server, 1), timeout=30)   # just the watcher
+
+    async def body() -> tuple[int, int]:
+        watcher = Collector((await join(f"{ws}/rooms/soak0/ws?client_id=watcher"))[0])
+        await soak_round(300, 0)            # warm-up: caches, allocator arenas
+        baseline = _rss_kib(server.process.pid)
+        await soak_round(3000, 300)
+        expected = [f"cycle {i}" for i in range(3300) if i % 8 == 0 and i % 6 <= 2]
+        await wait_for_condition(lambda: len(watcher.texts()) >= len(expected), timeout=30)
+        assert sorted(watcher.texts()) == sorted(expected), "the watcher missed or repeated messages"
+        ids = [f["id"] for f in watcher.frames if isinstance(f, dict) and f.get("type") == "message"]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), "message ids not consecutive"
+        await watcher.stop()
+        await watcher.ws.close()
+        await wait_for_condition(lambda: connections_are(server, 0), timeout=30)
+        return baseline, _rss_kib(server.process.pid)
+
+    baseline, after = run(body(), 280)
+    assert after <= baseline + 20 * 1024, f"RSS grew from {baseline} KiB to {after} KiB"
+    for name in rooms:
+        assert http("GET", f"{server.url}/rooms/{name}/members")[1]["members"] == []
+    assert http("GET", server.url + "/rooms")[1] == {"rooms": []}
+    assert http("GET", server.url + "/stats")[1]["connections"] == 0
+    assert_no_traceback(server)
+
+
+# ---------------------------------------------------------------------------
+# Scale-out: the Redis broker (SPEC section 10, broker rows of section 7)
+# ---------------------------------------------------------------------------
+
+
+def wait_health(server: ServerProcess, expected: int = 200, timeout: float = 15) -> Any:
+    """Poll ``GET /healthz`` until it answers ``expected``; return the body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = http("GET", server.url + "/healthz", timeout=2)
+        if status == expected:
+            return body
+        assert time.monotonic() < deadline, f"/healthz still {status} {body} after {timeout} s:\n{server.log}"
+        time.sleep(0.05)
+
+
+def redis_node(serve: Callable, redis_server: Any, *args: str, ttl: float | None = None) -> ServerProcess:
+    """``wschat.py serve --broker redis://...`` ready to chat (its pub/sub connection is up)."""
+    url = redis_server.url + (f"?presence_ttl={ttl:g}" if ttl else "")
+    server = serve("--broker", url, *args)
+    wait_health(server)
+    return server
+
+
+async def ahttp(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    """``http`` off the event loop, so connected clients keep being served meanwhile."""
+    return await asyncio.to_thread(http, method, url, body)
+
+
+async def _members(server: ServerProcess, room: str, expected: list[str]) -> bool:
+    """True once ``GET /rooms/{room}/members`` on ``server`` lists exactly ``expected``."""
+    status, page = await ahttp("GET", f"{server.url}/rooms/{room}/members")
+    return status == 200 and sorted(page["members"]) == sorted(expected)
+
+
+async def _health(server: ServerProcess, expected: int) -> Any:
+    """The /healthz body once it answers ``expected``, else None."""
+    status, body = await ahttp("GET", server.url + "/healthz")
+    return body if status == expected else None
+
+
+
+def ids_of(frames: list[dict]) -> list[int]:
+    return [frame["id"] for frame in frames]
+
+
+# ---- Scale-out: messages across processes ----
+
+def test_redis_two_processes_chat_both_ways_in_one_id_sequence(serve, redis_server):
+    """Clients on two processes chat both ways; everyone sees the same gapless, increasing ids."""
+    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+
+    async def body() -> None:
+        alice, _ = await join(room_url(a, "r", "alice"))
+        bob, _ = await join(room_url(b, "r", "bob"))
+        seen: dict[str, list[dict]] = {"alice": [], "bob": []}
+        for turn in range(3):
+            for sender, text in ((alice, f"from A {turn}"), (bob, f"from B {turn}")):
+                await sender.send({"type": "message", "text": text})
+                seen["alice"] += await alice.messages(1)
+                seen["bob"] += await bob.messages(1)
+        assert ids_of(seen["alice"]) == [1, 2, 3, 4, 5, 6]
+        assert seen["alice"] == seen["bob"]
+        assert [(m["from"], m["text"]) for m in seen["bob"][:2]] == [("alice", "from A 0"), ("bob", "from B 0")]
+        status, page = await ahttp("GET", b.url + "/rooms/r/messages")
+        assert status == 200 and page["messages"] == seen["alice"]
+        await alice.close()
+        await bob.close()
+
+    run(body(), 30)
+
+
+def test_redis_lobby_text_view_and_room_view_meet_across_processes(serve, redis_server):
+    """The lobby text view on one process and the lobby's JSON view on another see each other."""
+    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+
+    async def body() -> None:
+        async with client(a.ws_url + "/ws/ann") as ann:
+            await wait_for_condition(lambda: _members(b, "lobby", ["ann"]), 10)
+            bob, welcome = await join(room_url(b, "lobby", "bob"))
+            assert "ann" in welcome["members"]
+            assert await ann.recv() == "Client #bob joined the chat"
+            await ann.send("hello from text")
+            assert await ann.recv() == "You wrote: hello from text"
+            (message,) = await bob.messages(1)
+            assert (message["from"], message["text"], message["room"]) == ("ann", "hello from text", "lobby")
+            await bob.send({"type": "message", "text": "hi ann"})
+            assert await ann.recv() == "Client #bob says: hi ann"
+            assert (await bob.messages(1))[0]["id"] == message["id"] + 1
+            async with client(a.ws_url + "/ws/cy"):
+                await bob.recv_until(lambda f: f["type"] == "presence" and "cy" in f["joined"])
+                assert await ann.recv() == "Client #cy joined the chat"
+            await bob.recv_until(lambda f: f["type"] == "presence" and "cy" in f["left"])
+            assert await ann.recv() == "Client #cy left the chat"
+            await bob.close()
+            assert await ann.recv() == "Client #bob left the chat"
+
+    run(body(), 30)
+
+
+def test_redis_concurrent_publishers_on_three_processes_share_one_order(serve, redis_server):
+    """3 publishers x 50 messages on 3 processes: everyone gets all 150 once, in one gapless id order."""
+    nodes = [redis_node(serve, redis_server, "--rate", "0") for _ in range(3)]
+
+    async def body() -> None:
+        members = [(await join(room_url(node, "busy", f"p{i}")))[0] for i, node in enumerate(nodes)]
+
+        async def publish(index: int) -> None:
+            for n in range(50):
+                await members[index].send({"type": "message", "text": f"p{index}-{n}"})
+
+        await asyncio.gather(*(publish(i) for i in range(3)))
+        received = [await member.messages(150, timeout=30) for member in members]
+        assert ids_of(received[0]) == list(range(1, 151))
+        assert received[0] == received[1] == received[2]
+        for index in range(3):   # each publisher's messages keep the order it sent them in
+            texts = [m["text"] for m in received[0] if m["from"] == f"p{index}"]
+            assert texts == [f"p{index}-{n}" for n in range(50)]
+        status, _ = await ahttp("POST", nodes[0].url + "/rooms/busy/messages", {"text": "end"})
+        assert status == 201
+        for member in members:   # nothing duplicated after the 150: the next one is the marker
+            (marker,) = await member.messages(1)
+            assert (marker["id"], marker["text"]) == (151, "end")
+            await member.close()
+
+    run(body(), 60)
+
+
+def test_redis_direct_message_reaches_a_member_on_another_process(serve, redis_server):
+    """A direct message crosses processes to its recipient and back to its sender, nobody else, unstored."""
+    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+
+    async def body() -> None:
+        alice, _ = await join(room_url(a, "r", "alice"))
+        bob, _ = await join(room_url(b, "r", "bob"))
+        carol, _ = await join(room_url(b, "r", "carol"))
+        await wait_for_condition(lambda: _members(a, "r", ["alice", "bob", "carol"]), 10)
+        await alice.send({"type": "message", "text": "psst", "to": "bob"})
+        for member in (bob, alice):
+            (direct,) = await member.messages(1)
+            assert (direct["from"], direct["to"], direct["text"]) == ("alice", "bob", "psst") and "id" not in direct
+        await alice.send({"type": "message", "text": "psst", "to": "nobody"})
+        assert "nobody" in (await alice.recv_until(lambda f: f["type"] == "error"))["error"]
+        await bob.send("public")
+        assert [m["text"] for m in await carol.messages(1)] == ["public"]   # carol never saw the DM
+        status, page = await ahttp("GET", a.url + "/rooms/r/messages")
+        assert [m["text"] for m in page["messages"]] == ["public"]
+        for member in (alice, bob, carol):
+            await member.close()
+
+    run(body(), 30)
+
+
+# ---- Scale-out: recovery, history and the HTTP API across processes ----
+
+def test_redis_reconnect_with_since_on_another_process_recovers_the_gap(serve, redis_server):
+    """A client that leaves process A resumes on process B with since+epoch and gets exactly what it missed."""
+    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+
+    async def body() -> None:
+        alice, welcome = await join(room_url(a, "r", "alice"))
+        epoch = welcome["epoch"]
+        for n in range(3):
+            await alice.send(f"seen {n}")
+        last = (await alice.messages(3))[-1]["id"]
+        await alice.close()
+        for n in range(2):
+            status, stored = await ahttp("POST", b.url + "/rooms/r/messages", {"text": f"missed {n}", "from": "ops"})
+            assert status == 201 and stored["id"] == last + 1 + n and stored["from"] == "ops"
+        async with client(room_url(b, "r", "bob")) as bob:
+            await bob.send("missed 2")
+            await bob.messages(1)
+
+        alice, welcome = await join(room_url(b, "r", "alice", since=last, epoch=epoch))
+        assert (welcome["recovered"], welcome["epoch"], welcome["last_id"]) == (True, epoch, last + 3)
+        missed = await alice.messages(3)
+        assert [m["text"] for m in missed] == ["missed 0", "missed 1", "missed 2"]
+        assert ids_of(missed) == [last + 1, last + 2, last + 3]
+
+        stale, welcome = await join(room_url(b, "r", "stale", since=last, epoch="not-" + epoch))
+        assert (welcome["recovered"], welcome["epoch"]) == (False, epoch)
+        assert ids_of(await stale.messages(last + 3)) == list(range(1, last + 4))
+
+        trusting, welcome = await join(room_url(a, "r", "trusting", since=last + 2))   # no epoch: taken to match
+        assert welcome["recovered"] is True and ids_of(await trusting.messages(1)) == [last + 3]
+
+        status, _ = await ahttp("POST", a.url + "/rooms/r/messages", {"text": "marker"})
+        assert status == 201
+        for member in (alice, stale, trusting):   # exactly those: the next message is the marker
+            assert (await member.messages(1))[0]["text"] == "marker"
+            await member.close()
+
+    run(body(), 30)
+
+
+def test_redis_http_api_gives_the_same_answers_on_every_process(serve, redis_server):
+    """GET /rooms, members, messages and /stats agree across processes sharing one Redis."""
+    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+
+    async def body() -> None:
+        alice, _ = await join(room_url(a, "r", "alice"))
+        bob, _ = await join(room_url(b, "r", "bob"))
+        solo, _ = await join(room_url(a, "only-a", "solo"))
+        await alice.send("one")
+        await bob.send("two")
+        await alice.messages(2)
+        expected_rooms = {"rooms": [{"room": "only-a", "count": 1}, {"room": "r", "count": 2}]}
+
+        async def everyone_agrees() -> bool:
+            answers = [await ahttp("GET", node.url + "/rooms") for node in (a, b)]
+            return answers == [(200, expected_rooms)] * 2
+
+        await wait_for_condition(everyone_agrees, 10)
+        for node in (a, b):
+            assert await _members(node, "r", ["alice", "bob"])
+            assert await _members(node, "only-a", ["solo"])   # b has nobody there: read from Redis
+            status, page = await ahttp("GET", node.url + "/rooms/r/messages?since=1")
+            assert status == 200 and (page["last_id"], ids_of(page["messages"])) == (2, [2])
+            assert [m["text"] for m in page["messages"]] == ["two"]
+            status, stats = await ahttp("GET", node.url + "/stats")
+            assert status == 200 and stats["connections"] == (2 if node is a else 1)
+            assert stats["broker"] == {"url": redis_server.url, "ok": True, "status": "ok"}
+        pages = [(await ahttp("GET", node.url + "/rooms/r/messages"))[1] for node in (a, b)]
+        assert pages[0] == pages[1]
+        for member in (alice, bob, solo):
+            await member.close()
+
+    run(body(), 30)
+
+
+def test_redis_history_is_bounded_across_processes(serve, redis_server):
+    """With --history 5 every process replays and serves only the last 5 messages."""
+    a, b = (redis_node(serve, redis_server, "--history", "5") for _ in range(2))
+
+    async def body() -> None:
+        for n in range(1, 9):
+            status, _ = await ahttp("POST", a.url + "/rooms/r/messages", {"text": f"m{n}"})
+            assert status == 201
+        status, page = await ahttp("GET", b.url + "/rooms/r/messages")
+        assert status == 200 and (page["last_id"], ids_of(page["messages"])) == (8, [4, 5, 6, 7, 8])
+        carol, welcome = await join(room_url(b, "r", "carol"))
+        assert welcome["last_id"] == 8
+        assert [m["text"] for m in await carol.messages(5)] == ["m4", "m5", "m6", "m7", "m8"]
+        dave, welcome = await join(room_url(a, "r", "dave", since=2, epoch=welcome["epoch"]))
+        assert welcome["recovered"] is False    # id 3 is no longer retained: a gap
+        assert ids_of(await dave.messages(5)) == [4, 5, 6, 7, 8]
+        await carol.close()
+        await dave.close()
+
+    run(body(), 30)
+
+
+def test_redis_keys_stay_bounded_and_expire(serve, redis_server):
+    """20 messages with --history 5 leave 5 in Redis; the members set carries a TTL."""
+    import redis
+
+    node = redis_node(serve, redis_server, "--history", "5")
+
+    async def body() -> None:
+        alice, _ = await join(room_url(node, "r", "alice"))
+        for n in range(20):
+            status, _ = await ahttp("POST", node.url + "/rooms/r/messages", {"text": f"m{n}"})
+            assert status == 201
+        await alice.messages(20)
+        store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            await wait_for_condition(lambda: store.zcard("wschat:room:r:members") == 1, 10)
+            history = store.lrange("wschat:room:r:history", 0, -1)
+            assert [json.loads(frame)["id"] for frame in history] == [16, 17, 18, 19, 20]
+            assert store.ttl("wschat:room:r:members") > 0
+        finally:
+            store.close()
+        await alice.close()
+
+    run(body(), 30)
+
+
+# ---- Scale-out: presence across processes ----
+
+def test_redis_presence_crosses_processes_and_a_killed_process_expires(serve, redis_server):
+    """A join on B reaches A as presence; after B is SIGKILLed its members leave A within ttl + ttl/3."""
+    ttl = 2.0
+    a, b = redis_node(serve, redis_server, ttl=ttl), redis_node(serve, redis_server, ttl=ttl)
+
+    async def body() -> None:
+        alice, _ = await join(room_url(a, "r", "alice"))
+        await wait_for_condition(lambda: _members(b, "r", ["alice"]), 10)
+        bob, welcome = await join(room_url(b, "r", "bob"))
+        assert sorted(welcome["members"]) == ["alice", "bob"] and welcome["count"] == 2
+        joined = await alice.recv_until(lambda f: f["type"] == "presence" and "bob" in f["joined"])
+        assert joined["count"] == 2
+        b.stop(signal.SIGKILL)
+        left = await alice.recv_until(lambda f: f["type"] == "presence" and "bob" in f["left"],
+                                      timeout=ttl + ttl / 3 + 3)
+        assert left["count"] == 1
+        assert await _members(a, "r", ["alice"])
+        status, rooms = await ahttp("GET", a.url + "/rooms")
+        assert rooms == {"rooms": [{"room": "r", "count": 1}]}
+        await alice.close()
+
+    run(body(), 30)
+
+
+# ---- Scale-out: faults (broker lost, broker unreachable) ----
+
+def test_redis_lost_while_running_reports_503_and_recovers(serve, redis_server):
+    """Redis gone: 503 with a reason and error frames, no crash; back: 200, clients told 1012, chat resumes."""
+    node = redis_node(serve, redis_server)
+
+    async def body() -> None:
+        alice, welcome = await join(room_url(node, "r", "alice"))
+        bob, _ = await join(room_url(node, "r", "bob"))
+        redis_server.stop()
+        down = await wait_for_condition(lambda: _health(node, 503), 15)
+        assert down["status"] != "ok" and "redis" in down["reason"]
+        await alice.send("while redis is away")
+        error = await alice.recv_until(lambda f: f["type"] in ("error", "message"))
+        assert error["type"] == "error" and "broker" in error["error"]
+        status, _ = await ahttp("POST", node.url + "/rooms/r/messages", {"text": "nope"})
+        assert status == 503
+        assert node.process.poll() is None
+
+        redis_server.start()
+        await wait_for_condition(lambda: _health(node, 200), 20)
+        for member in (alice, bob):
+            assert (await member.closed(10))[0] == 1012
+        alice, again = await join(room_url(node, "r", "alice", since=welcome["last_id"], epoch=welcome["epoch"]))
+        assert again["epoch"] != welcome["epoch"] and again["recovered"] is False   # a flushed Redis
+        bob, _ = await join(room_url(node, "r", "bob"))
+        await alice.send("back again")
+        assert [(m["id"], m["text"]) for m in await bob.messages(1)] == [(1, "back again")]
+        await alice.close()
+        await bob.close()
+
+    run(body(), 60)
+    assert node.process.poll() is None
+    assert "Traceback" not in node.log
+
+
+def test_redis_unreachable_at_start_exits_with_one_masked_line():
+    """serve on an unreachable Redis exits non-zero at once with one line naming the URL, password masked."""
+    port = free_port()
+    url = f"redis://user:secretpw@127.0.0.1:{port}/0"
+    result = subprocess.run([sys.executable, str(HERE / "wschat.py"), "serve", "--port", str(free_port()),
+                             "--broker", url], capture_output=True, text=True, timeout=20, cwd=HERE)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "secretpw" not in output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert f"redis://user:***@127.0.0.1:{port}/0" in lines[0]
+
+
+# ---- Scale-out: several workers in one server ----
+
+async def _join_retrying(url: str, attempts: int = 20) -> tuple[Client, dict]:
+    """Join, trying again on 1013 (a worker still connecting to Redis), as a client should."""
+    for _ in range(attempts):
+        try:
+            return await join(url)
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is None or exc.rcvd.code != 1013:
+                raise
+        await asyncio.sleep(0.2)   # backoff before retrying, as a real client does
+    raise AssertionError(f"could not join {url}")
+
+
+def test_redis_two_workers_share_rooms(serve, redis_server):
+    """serve --workers 2 --broker redis://: ten clients on either worker share one id sequence."""
+    server = serve("--workers", "2", "--broker", redis_server.url)
+    wait_health(server)
+
+    async def body() -> None:
+        members = [(await _join_retrying(room_url(server, "r", f"c{i}")))[0] for i in range(10)]
+        for i, member in enumerate(members):
+            await member.send(f"hello from c{i}")
+        received = [await member.messages(10, timeout=15) for member in members]
+        assert ids_of(received[0]) == list(range(1, 11))
+        assert all(seen == received[0] for seen in received)
+        assert sorted(m["from"] for m in received[0]) == sorted(f"c{i}" for i in range(10))
+        for member in members:
+            await member.close()
+
+    run(body(), 60)
+    assert server.stop() is not None and server.process.poll() is not None
+
+
+def test_cli_workers_with_memory_broker_is_refused():
+    """serve --workers 2 without a shared broker exits non-zero with a message naming the fix."""
+    result = subprocess.run([sys.executable, str(HERE / "wschat.py"), "serve", "--port", str(free_port()),
+                             "--workers", "2"], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode != 0
+    assert "--workers" in result.stderr and "redis://" in result.stderr
+
+
+# ---- Scale-out: the redis package is optional ----
+
+def test_redis_package_is_optional_for_the_memory_broker():
+    """Without the redis package wschat imports and serves; a redis:// broker names wschat[redis]."""
+    script = (
+        "import sys; sys.modules['redis'] = None\n"
+        "import wschat\n"
+        "from fastapi.testclient import TestClient\n"
+        "with TestClient(wschat.create_app()) as c:\n"
+        "    assert c.get('/healthz').json() == {'status': 'ok'}\n"
+        "    with c.websocket_connect('/rooms/r/ws?client_id=a') as ws:\n"
+        "        assert ws.receive_json()['type'] == 'welcome'\n"
+        "        ws.send_text('hi')\n"
+        "        assert ws.receive_json()['text'] == 'hi'\n"
+        "try:\n"
+        "    wschat.create_app(broker='redis://127.0.0.1:6379/0')\n"
+        "except Exception as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "wschat[redis]" in result.stdout
+    assert "redis" not in result.stderr.lower()
+
+
+def test_redis_package_is_optional_for_serve(serve):
+    """``serve`` runs and chats with the redis package missing."""
+    blocked = "import sys; sys.modules['redis'] = None; import wschat; wschat.main()"
+    server = serve(command=[sys.executable, "-c", blocked, "serve"])
+
+    async def body() -> None:
+        alice, _ = await join(room_url(server, "r", "alice"))
+        await alice.send("no redis needed")
+        assert (await alice.messages(1))[0]["text"] == "no redis needed"
+        await alice.close()
+
+    run(body(), 20)

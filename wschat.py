@@ -992,8 +992,9 @@ class _Sequence:
 class MemoryBroker:
     """Everything in this process: the embedded default, and the double for tests.
 
-    A room's sequence lives while it has members or retained messages; when it is
-    forgotten and starts again it gets a new epoch, so old ids are never trusted.
+    A room's sequence starts with its first member or message and lasts as long as the
+    broker; a restarted broker starts every room again under a new epoch, so ids from
+    before the restart are never trusted.
     """
 
     url = "memory://"
@@ -1028,17 +1029,18 @@ class MemoryBroker:
         if self._history:
             sequence.retained.append((message, frame))
         self._manager.deliver(room, message, frame)  # type: ignore[union-attr]
-        self._forget_if_unused(room)
         return message
 
     async def direct(self, room: str | None, message: dict) -> None:
         self._manager.deliver_direct(room, message)  # type: ignore[union-attr]
 
     async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
-        sequence = self._sequence(room)
-        result = sequence.epoch, sequence.last_id, list(sequence.retained)
-        self._forget_if_unused(room)
-        return result
+        sequence = self._sequences.get(room)
+        if sequence is None:
+            if room not in self._members:
+                return "", 0, []   # reading an unknown room does not create it
+            sequence = self._sequence(room)
+        return sequence.epoch, sequence.last_id, list(sequence.retained)
 
     async def subscribe(self, room: str) -> None:
         pass
@@ -1055,13 +1057,7 @@ class MemoryBroker:
         members.pop(client_id, None)
         if not members:
             self._members.pop(room, None)
-            self._forget_if_unused(room)
         self._manager.presence_changed(room, client_id, False)  # type: ignore[union-attr]
-
-    def _forget_if_unused(self, room: str) -> None:
-        sequence = self._sequences.get(room)
-        if sequence is not None and not sequence.retained and room not in self._members:
-            del self._sequences[room]
 
     def count(self, room: str) -> int:
         return len(self._members.get(room, ()))
@@ -1136,6 +1132,7 @@ class RedisBroker:
         self._subscription_lock: asyncio.Lock | None = None
         self._subscribed: set[str] = set()
         self._confirmations: dict[str, asyncio.Future] = {}
+        self._first_attempt: asyncio.Event | None = None
         self._view: dict[str, dict[str, set[str]]] = {}      # room -> client id -> nodes
         self._listening = False          # the pub/sub connection is up and subscribed
         self._lost = False               # it went down since: rooms need a resync
@@ -1169,9 +1166,14 @@ class RedisBroker:
         self._script = self._client.register_script(self.PUBLISH_SCRIPT)
         self._commands = asyncio.Queue()
         self._subscription_lock = asyncio.Lock()
+        self._first_attempt = asyncio.Event()   # set once the listener connected or failed
         for job in (self._listen(), self._run_commands(), self._heartbeat()):
             task = asyncio.ensure_future(job)
             self._tasks.add(task)
+        # Be ready before the server accepts clients, but never block start-up for long:
+        # an unreachable Redis is reported by /healthz and retried in the background.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._first_attempt.wait(), 3)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -1306,6 +1308,7 @@ class RedisBroker:
                 raise
             except Exception as exc:
                 self._failed(exc)
+                self._first_attempt.set()
                 self._lost = self._lost or self._listening
                 self._listening = False
             finally:
@@ -1318,6 +1321,7 @@ class RedisBroker:
     def _connected(self) -> None:
         self._listening = True
         self._error = None
+        self._first_attempt.set()
         if self._lost:
             # Messages published while we were away never reached us: clients resume with since.
             self._lost = False
@@ -1533,14 +1537,16 @@ class Gatekeeper:
         return not self._digests and self._authenticate is None
 
     def origin_allowed(self, connection: HTTPConnection) -> bool:
-        """Browsers send Origin; a handshake from another site is cross-site hijacking."""
+        """Browsers send Origin; a handshake from another site is cross-site hijacking.
+
+        Allowed: no Origin (not a browser), the page's own origin, and the
+        ``allowed_origins`` (``*`` for any), so adding origins never locks out our page.
+        """
         origin = connection.headers.get("origin")
         if origin is None or "*" in self._origins:
             return True
         origin = origin.rstrip("/").lower()
-        if self._origins:
-            return origin in self._origins
-        return urlsplit(origin).netloc == connection.headers.get("host", "").lower()
+        return origin in self._origins or urlsplit(origin).netloc == connection.headers.get("host", "").lower()
 
     async def admit(self, connection: HTTPConnection, *, credential_required: bool = False) -> Admission | None:
         """An Admission, or None when the client must be refused."""
@@ -1596,18 +1602,29 @@ def _credentials(connection: HTTPConnection) -> list[str]:
 
 
 class _RedactSecrets(logging.Filter):
-    """Masks tokens, cookies and passwords in log records (uvicorn logs query strings)."""
+    """Masks secrets in log records: ``token=`` and ``session=`` values (uvicorn logs
+    query strings), bearer values, URL passwords, and the configured tokens themselves
+    wherever they appear (uvicorn's debug log prints whole frames)."""
 
     _SECRET = re.compile(r"(?i)\b(token|session|password|access_token)=[^&\s\"']*")
     _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"']+")
     _URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]+@")
+    MIN_LITERAL = 6   # shorter tokens would mask ordinary words
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.literals: set[str] = set()
 
     def _redact(self, value: Any) -> Any:
-        if not isinstance(value, str):
+        if value is None or isinstance(value, (int, float)):
             return value
-        value = self._SECRET.sub(r"\1=***", value)
-        value = self._BEARER.sub(r"\1 ***", value)
-        return self._URL_PASSWORD.sub(r"\1:***@", value)
+        text = value if isinstance(value, str) else str(value)
+        redacted = self._SECRET.sub(r"\1=***", text)
+        redacted = self._BEARER.sub(r"\1 ***", redacted)
+        redacted = self._URL_PASSWORD.sub(r"\1:***@", redacted)
+        for literal in self.literals:
+            redacted = redacted.replace(literal, "***")
+        return value if redacted == text else redacted
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self._redact(record.msg)
@@ -1618,12 +1635,15 @@ class _RedactSecrets(logging.Filter):
         return True
 
 
-def _redact_uvicorn_logs() -> None:
+def _redact_uvicorn_logs(tokens: Iterable[str]) -> None:
     """uvicorn logs every WebSocket path with its query string, tokens included."""
     for name in ("uvicorn.error", "uvicorn.access", "wschat"):
         target = logging.getLogger(name)
-        if not any(isinstance(existing, _RedactSecrets) for existing in target.filters):
-            target.addFilter(_RedactSecrets())
+        found = [existing for existing in target.filters if isinstance(existing, _RedactSecrets)]
+        redact = found[0] if found else _RedactSecrets()
+        if not found:
+            target.addFilter(redact)
+        redact.literals.update(t for t in tokens if len(t) >= _RedactSecrets.MIN_LITERAL)
 
 
 # ---------------------------------------------------------------------------
@@ -1650,12 +1670,13 @@ def create_app(*, authenticate: Authenticate | None = None, **settings: Any) -> 
     config = Settings(**settings)
     chat = ConnectionManager(config)
     gate = Gatekeeper(config, authenticate)
-    app = FastAPI(title="wschat", version=__version__, lifespan=chat.lifespan, root_path=config.root_path,
+    # root_path is applied by the server (``serve`` hands it to uvicorn), as ASGI intends.
+    app = FastAPI(title="wschat", version=__version__, lifespan=chat.lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.chat = chat
     app.state.gatekeeper = gate
     app.add_middleware(_RecordSend)
-    _redact_uvicorn_logs()
+    _redact_uvicorn_logs(config.tokens)
     _add_http_routes(app, chat, gate)
     _add_websocket_routes(app, chat, gate)
     return app
@@ -1709,12 +1730,12 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
         if admission.identity is not None and sender != admission.identity:
             raise HTTPException(status.HTTP_403_FORBIDDEN, '"from" must be your own identity')
         if utf8_length(body.text) > chat.settings.max_message_size:
-            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            raise HTTPException(413,   # Content Too Large
                                 f"text is larger than {chat.settings.max_message_size} bytes")
         try:
             return await _broker_call(chat.publish(room, body.text, sender=sender))
         except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+            raise HTTPException(422, str(exc)) from None   # Unprocessable Content
 
 
 async def _broker_call(awaitable: Awaitable[Any]) -> Any:
