@@ -1592,31 +1592,6 @@ def test_e2e_mounted_under_chat_in_a_host_app(serve, tmp_path):
     assert http("GET", server.url + "/chat/rooms/r/messages")[1]["last_id"] == 2
 
 
-def test_e2e_page_under_a_mount_prefix_uses_its_own_websocket_urls(serve, tmp_path, browser):
-    """The page served at /chat/ of a host app connects to /chat/rooms/…/ws: it shows and sends messages."""
-    from playwright.sync_api import expect
-
-    (tmp_path / "hostapp.py").write_text(HOST_APP)
-    server = serve(command=[sys.executable, "-m", "uvicorn", "hostapp:app"], ready_path="/chat/healthz",
-                   env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"})
-    page = browser.new_page()
-    page.goto(server.url + "/chat/")
-    page.get_by_label("Room").fill("mounted")
-    page.get_by_label("Name").fill("carol")
-    page.get_by_role("button", name="Connect").click()
-    expect(page.get_by_role("status")).to_have_text("Connected to mounted as carol", timeout=10_000)
-    assert http("POST", server.url + "/chat/rooms/mounted/messages", {"text": "from the server"})[0] == 201
-    expect(page.get_by_role("list", name="Messages")).to_contain_text("from the server", timeout=10_000)
-    page.get_by_role("textbox", name="Message").fill("from the page")
-    page.get_by_role("textbox", name="Message").press("Enter")
-
-    def posted() -> bool:
-        messages = http("GET", server.url + "/chat/rooms/mounted/messages")[1]["messages"]
-        return ("carol", "from the page") in [(m["from"], m["text"]) for m in messages]
-
-    wait_until(posted, 10)
-
-
 def test_e2e_uvicorn_factory(serve):
     """`uvicorn --factory wschat:create_app` serves the chat."""
     server = serve(command=[sys.executable, "-m", "uvicorn", "--factory", "wschat:create_app"],
@@ -3062,3 +3037,290 @@ def test_redis_package_is_optional_for_serve(serve):
         await alice.close()
 
     run(body(), 20)
+
+
+# ---------------------------------------------------------------------------
+# The page in a real browser (Chromium via Playwright, against `wschat.py serve`)
+# ---------------------------------------------------------------------------
+
+def expect(*args: Any, **kwargs: Any) -> Any:
+    """Playwright's auto-waiting ``expect``, imported late so the file loads without Playwright."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(*args, **kwargs)
+
+
+WAIT = 10_000  # ms: generous expect() timeout for anything that crosses the network
+
+
+def open_chat(context: Any, url: str, *, mode: str = "room", room: str | None = None, name: str | None = None,
+              item: str | None = None, token: str | None = None, connect: bool = True) -> Any:
+    """A new tab on the chat page, filled in and connected the way a person does it."""
+    page = context.new_page()
+    page.goto(url)
+    page.get_by_label("Mode", exact=True).select_option(mode)
+    for label, value in (("Room", room), ("Name", name), ("Item ID", item), ("Token", token)):
+        if value is not None:
+            page.get_by_label(label, exact=True).fill(value)
+    if connect:
+        page.get_by_role("button", name="Connect", exact=True).click()
+    return page
+
+
+def messages(page: Any) -> Any:
+    return page.get_by_role("list", name="Messages")
+
+
+def message_box(page: Any) -> Any:
+    return page.get_by_role("textbox", name="Message", exact=True)
+
+
+def say(page: Any, text: str) -> None:
+    message_box(page).fill(text)
+    message_box(page).press("Enter")
+
+
+def off_thread(coro: Any, timeout: float = 30) -> Any:
+    """``run`` in a worker thread, so asyncio never shares a thread with Playwright's sync API."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(run, coro, timeout).result()
+
+
+def post_as(ws_url: str, room: str, name: str, *texts: str) -> None:
+    """A real ``websockets`` client joins ``room``, sends ``texts`` and waits for each to come back."""
+    async def body() -> None:
+        sender, _ = await join(f"{ws_url}/rooms/{room}/ws?client_id={name}")
+        try:
+            for text in texts:
+                await sender.send({"type": "message", "text": text})
+                await sender.recv_until(lambda f: f.get("type") == "message" and f.get("text") == text, 10)
+        finally:
+            await sender.close()
+    off_thread(body())
+
+
+def test_page_two_tabs_chat_in_a_room(serve, browser):
+    """Two tabs in one room see each other as members, exchange timestamped messages, keep focus, disconnect."""
+    server = serve()
+    context = browser.new_context()
+    requested: list[str] = []
+    context.on("request", lambda request: requested.append(request.url))
+    try:
+        alice = open_chat(context, server.url + "/", room="r1", name="alice")
+        bob = open_chat(context, server.url + "/", room="r1", name="bob")
+        expect(alice.get_by_role("status")).to_have_text("Connected to r1 as alice", timeout=WAIT)
+        expect(bob.get_by_role("status")).to_have_text("Connected to r1 as bob", timeout=WAIT)
+        for page in (alice, bob):
+            members = page.get_by_role("list", name="Members").get_by_role("listitem")
+            expect(members).to_have_text(["alice", "bob"], timeout=WAIT)
+        say(alice, "hello bob")
+        line = messages(bob).get_by_role("listitem")
+        expect(line).to_have_text([re.compile(r"^\d{1,2}:\d{2}:\d{2}.*alice:\s*hello bob$")], timeout=WAIT)
+        expect(messages(alice).get_by_role("listitem")).to_have_count(1, timeout=WAIT)
+        expect(message_box(alice)).to_be_focused()
+        expect(message_box(alice)).to_have_value("")
+        alice.get_by_role("button", name="Disconnect", exact=True).click()
+        expect(alice.get_by_role("status")).to_have_text(re.compile(r"^Disconnected"), timeout=WAIT)
+        expect(bob.get_by_role("list", name="Members").get_by_role("listitem")).to_have_text(["bob"], timeout=WAIT)
+        assert all(url.startswith(server.url + "/") for url in requested), requested  # self-contained: no CDN
+    finally:
+        context.close()
+
+
+def test_page_lobby_mode_speaks_the_text_protocol(serve, browser):
+    """Lobby mode shows the lobby's exact lines: joined, `You wrote`, `Client #id says`."""
+    server = serve()
+    context = browser.new_context()
+    try:
+        alice = open_chat(context, server.url + "/", mode="lobby", name="alice")
+        expect(alice.get_by_role("status")).to_have_text("Connected (lobby)", timeout=WAIT)
+        bob = open_chat(context, server.url + "/", mode="lobby", name="bob")
+        expect(messages(alice)).to_contain_text("Client #bob joined the chat", timeout=WAIT)
+        say(alice, "hi")
+        expect(messages(alice).get_by_text("You wrote: hi", exact=True)).to_be_visible(timeout=WAIT)
+        expect(messages(bob).get_by_text("Client #alice says: hi", exact=True)).to_be_visible(timeout=WAIT)
+        expect(bob.get_by_role("list", name="Members")).to_be_hidden()
+    finally:
+        context.close()
+
+
+def test_page_item_mode_needs_a_credential(serve, browser):
+    """Item mode echoes the credential and item id; without a token the page reports it was refused."""
+    server = serve()
+    context = browser.new_context()
+    try:
+        page = open_chat(context, server.url + "/", mode="item", item="foo", token="s3cret")
+        expect(page.get_by_role("status")).to_have_text("Connected (item)", timeout=WAIT)
+        say(page, "hello")
+        expect(messages(page).get_by_role("listitem")).to_have_text(
+            ["Session cookie or query token value is: s3cret", "Message text was: hello, for item ID: foo"],
+            timeout=WAIT)
+        refused = open_chat(context, server.url + "/", mode="item", item="foo", token="")
+        expect(refused.get_by_role("status")).to_have_text(re.compile(r"^Could not connect"), timeout=WAIT)
+        expect(refused.get_by_role("button", name="Connect", exact=True)).to_be_visible()
+        expect(message_box(refused)).to_be_disabled()
+    finally:
+        context.close()
+
+
+def test_page_refused_room_says_why_and_does_not_retry(serve, browser):
+    """A room connection refused at the handshake (wrong token) is reported once, not retried forever."""
+    server = serve("--token", "right-token")
+    context = browser.new_context()
+    try:
+        page = open_chat(context, server.url + "/", room="r", name="alice", token="wrong-token")
+        status = page.get_by_role("status")
+        expect(status).to_have_text(re.compile(r"^Could not connect.*check the token"), timeout=WAIT)
+        # A scheduled retry keeps Connect hidden (the page still "wants" the connection).
+        expect(page.get_by_role("button", name="Connect", exact=True)).to_be_visible()
+        page.get_by_label("Token", exact=True).fill("right-token")
+        page.get_by_role("button", name="Connect", exact=True).click()
+        expect(status).to_have_text("Connected to r as alice", timeout=WAIT)
+    finally:
+        context.close()
+
+
+def test_page_works_mounted_under_a_prefix(serve, browser, tmp_path):
+    """Mounted at /chat in a host app, the page reached as /chat and /chat/ builds its WebSocket URLs from it."""
+    (tmp_path / "hostapp.py").write_text(
+        "from fastapi import FastAPI\nfrom wschat import create_app\n"
+        "app = FastAPI()\napp.mount('/chat', create_app())\n")
+    server = serve(command=[sys.executable, "-m", "uvicorn", "hostapp:app", "--app-dir", str(tmp_path)],
+                   ready_path="/chat/healthz")
+    context = browser.new_context()
+    sockets: list[str] = []
+    context.on("page", lambda page: page.on("websocket", lambda ws: sockets.append(ws.url)))
+    try:
+        alice = open_chat(context, server.url + "/chat", room="r4", name="alice")
+        assert alice.url == server.url + "/chat/"  # Starlette redirects the bare prefix
+        # A proxy may serve the page at /chat itself, without that redirect: put bob's tab there.
+        bob = open_chat(context, server.url + "/chat/", room="r4", name="bob", connect=False)
+        bob.evaluate("history.replaceState(null, '', '/chat')")
+        bob.get_by_role("button", name="Connect", exact=True).click()
+        expect(bob.get_by_role("status")).to_have_text("Connected to r4 as bob", timeout=WAIT)
+        say(bob, "hi from /chat")
+        expect(messages(alice)).to_contain_text("bob:hi from /chat", timeout=WAIT)
+        assert sorted(sockets) == [f"{server.ws_url}/chat/rooms/r4/ws?client_id={name}" for name in ("alice", "bob")]
+    finally:
+        context.close()
+
+
+def test_page_renders_untrusted_text_as_text(serve, browser):
+    """Markup in a name or message shows literally; no element is created and no script runs."""
+    server = serve()
+    context = browser.new_context()
+    dialogs: list[str] = []
+    try:
+        page = open_chat(context, server.url + "/", room="r5", name="<b>x</b>")
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        expect(page.get_by_role("status")).to_have_text("Connected to r5 as <b>x</b>", timeout=WAIT)
+        say(page, "<img src=x onerror=alert(1)>")
+        expect(messages(page).get_by_text("<img src=x onerror=alert(1)>", exact=True)).to_be_visible(timeout=WAIT)
+        say(page, "after")  # a round trip after the image would have failed to load
+        expect(messages(page).get_by_text("after", exact=True)).to_be_visible(timeout=WAIT)
+        expect(messages(page)).to_contain_text("<b>x</b>:")
+        expect(page.get_by_role("list", name="Members").get_by_role("listitem")).to_have_text(["<b>x</b>"])
+        expect(messages(page).locator("img")).to_have_count(0)
+        expect(page.locator("b")).to_have_count(0)
+        assert dialogs == []
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_page_reconnects_after_restart_without_loss_or_duplicates(serve, browser, request, broker):
+    """A tab survives a server restart: says it is reconnecting, resumes with since, shows every message once."""
+    args = ("--broker", request.getfixturevalue("redis_server").url) if broker == "redis" else ()
+    server = serve(*args)
+    other_node = serve(*args) if broker == "redis" else None  # shares the room through Redis
+    context = browser.new_context()
+    try:
+        page = open_chat(context, server.url + "/", room="r6", name="alice")
+        status = page.get_by_role("status")
+        expect(status).to_have_text("Connected to r6 as alice", timeout=WAIT)
+        post_as(server.ws_url, "r6", "bob", "before 1", "before 2")
+        expect(messages(page).get_by_text("before 2", exact=True)).to_be_visible(timeout=WAIT)
+        server.stop()
+        expect(status).to_contain_text("Reconnecting", timeout=WAIT)
+        texts = ["before 1", "before 2", "gap 2", "after"]
+        if other_node:  # the tab's server is down: a certain gap
+            post_as(other_node.ws_url, "r6", "bob", "gap 1")
+            texts.insert(2, "gap 1")
+        server = serve(*args, port=server.port)
+        post_as(server.ws_url, "r6", "bob", "gap 2")  # most likely while the tab is still backing off
+        expect(status).to_have_text("Connected to r6 as alice", timeout=20_000)
+        post_as(server.ws_url, "r6", "bob", "after")
+        expect(messages(page).get_by_text("after", exact=True)).to_be_visible(timeout=WAIT)
+        seen = messages(page).locator(".from + span").all_inner_texts()
+        assert seen == texts, seen
+        assert '"WebSocket /rooms/r6/ws?client_id=alice&since=2&epoch=' in server.log, server.log
+        notices = messages(page).locator(".notice").all_inner_texts()
+        # Memory broker: a new sequence (new epoch) the page announces; Redis: the same one, resumed.
+        assert notices == (["The room's history restarted on the server."] if broker == "memory" else []), notices
+    finally:
+        context.close()
+
+
+def test_page_pings_keep_an_idle_tab_connected(serve, browser):
+    """With --timeout 2 an idle tab stays on its first connection for 5 s: its pings keep it alive."""
+    server = serve("--timeout", "2")
+    context = browser.new_context()
+    try:
+        page = open_chat(context, server.url + "/", room="r7", name="alice")
+        expect(page.get_by_role("status")).to_have_text("Connected to r7 as alice", timeout=WAIT)
+        page.evaluate("""() => { window.statusLog = [];
+            new MutationObserver(() => statusLog.push(document.getElementById('status').textContent))
+              .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true}); }""")
+
+        async def watch() -> list[str]:
+            bob, _ = await join(f"{server.ws_url}/rooms/r7/ws?client_id=bob")
+            left: list[str] = []
+            deadline = time.monotonic() + 5  # 2.5 x the timeout; bob pings to stay in
+            while time.monotonic() < deadline:
+                try:
+                    frame = await bob.recv(timeout=0.5)
+                    left += frame.get("left", []) if frame.get("type") == "presence" else []
+                except asyncio.TimeoutError:
+                    await bob.send({"type": "ping"})
+            await bob.send({"type": "message", "text": "still there?"})
+            await bob.recv_until(lambda f: f.get("text") == "still there?")
+            await bob.close()
+            return left
+
+        assert off_thread(watch()) == []
+        expect(messages(page).get_by_text("still there?", exact=True)).to_be_visible(timeout=WAIT)
+        expect(page.get_by_role("status")).to_have_text("Connected to r7 as alice")
+        assert page.evaluate("statusLog") == []
+        assert server.log.count('"WebSocket /rooms/r7/ws?client_id=alice" [accepted]') == 1, server.log
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (390, 844)], ids=["desktop", "phone"])
+def test_page_screenshots_room_mode(serve, browser, size):
+    """The room page after a conversation, saved to test-artifacts/; the newest message is scrolled into view."""
+    server = serve()
+    width, height = size
+    phone = width < 500
+    context = browser.new_context(viewport={"width": width, "height": height}, is_mobile=phone, has_touch=phone,
+                                  device_scale_factor=2 if phone else 1)
+    try:
+        page = open_chat(context, server.url + "/", room="general", name="alice")
+        expect(page.get_by_role("status")).to_have_text("Connected to general as alice", timeout=WAIT)
+        open_chat(context, server.url + "/", room="general", name="bob")
+        expect(page.get_by_role("list", name="Members").get_by_role("listitem")).to_have_count(2, timeout=WAIT)
+        post_as(server.ws_url, "general", "bob", *[f"Release checklist item {n}: done" for n in range(1, 25)],
+                "Anything else before we ship? This line is long on purpose so that it wraps on a narrow screen.")
+        say(page, "Ship it!")
+        newest = messages(page).get_by_text("Ship it!", exact=True)
+        expect(newest).to_be_visible(timeout=WAIT)
+        assert page.evaluate("() => { const l = document.getElementById('messages');"
+                             " return l.scrollHeight > l.clientHeight; }"), "the list should overflow here"
+        expect(newest).to_be_in_viewport()
+        expect(message_box(page)).to_be_focused()
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"page-room-{width}x{height}.png"
+        page.screenshot(path=str(path))
+        assert path.stat().st_size > 1000
+    finally:
+        context.close()

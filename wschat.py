@@ -436,6 +436,11 @@ class Connection:
         """Frames queued and not yet handed to the socket."""
         return self._backlog
 
+    @property
+    def closing(self) -> bool:
+        """wschat decided to close this client (not merely that its peer went away)."""
+        return self._close_request is not None
+
     def _abandon(self) -> None:
         self._abandoned = True
         self._outbox = []
@@ -617,9 +622,10 @@ class ConnectionManager:
         """The text frames a client sends, once they pass the limits of SPEC section 7.
 
         Binary frames close with 1003, frames over ``max_message_size`` with 1009; a
-        client over its rate gets an error frame instead of delivery. After a close
-        has been requested this keeps reading (and ignoring) until the socket ends,
-        so the close frame goes out before the handler returns.
+        client over its rate gets an error frame instead of delivery. Once wschat has
+        decided to close a client this keeps reading (and ignoring) until the socket
+        ends, so the close frame goes out before the handler returns. Frames a peer sent
+        just before it left are still delivered, even if a send to it already failed.
         """
         receive = conn.socket.receive
         settings = self.settings
@@ -628,7 +634,7 @@ class ConnectionManager:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
-            if conn.closed:
+            if conn.closing:
                 continue
             now = conn.last_seen = self.loop.time()
             self.messages_in += 1
@@ -1806,6 +1812,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>wschat</title>
+<link rel="icon" href="data:,">
 <style>
   :root { color-scheme: light dark; --accent: #2563eb; --muted: #6b7280; --line: #d1d5db; }
   * { box-sizing: border-box; }
@@ -1830,6 +1837,7 @@ PAGE = """<!doctype html>
   button[hidden] { display: none; }
   button.secondary { background: transparent; color: inherit; border-color: var(--line); }
   main { flex: 1; display: grid; grid-template-columns: 1fr 14rem; min-height: 0; }
+  main.solo { grid-template-columns: 1fr; }
   #messages { list-style: none; margin: 0; padding: .6rem 1rem; overflow-y: auto; min-height: 0; }
   #messages li { padding: .2rem 0; overflow-wrap: anywhere; white-space: pre-wrap; }
   #messages .meta { color: var(--muted); font-size: .8rem; margin-right: .4rem; }
@@ -1847,6 +1855,7 @@ PAGE = """<!doctype html>
     main { grid-template-columns: 1fr; grid-template-rows: 1fr auto; }
     aside { border-left: 0; border-top: 1px solid var(--line); max-height: 7rem; }
     input { width: 8.5rem; }
+    body.connected #settings .field { display: none; }   /* room for the conversation */
   }
 </style>
 </head>
@@ -1888,6 +1897,7 @@ PAGE = """<!doctype html>
   var $ = function (id) { return document.getElementById(id); };
   var ROOM_NAME = /^[A-Za-z0-9_.\\-]{1,64}$/;
   var ws = null, wanted = false, attempt = 0, retryTimer = null, pingTimer = null;
+  var joined = false;                // welcomed since Connect: only then is a lost room worth retrying
   var lastId = null, epoch = null, roomKey = null, members = new Set();
 
   function setStatus(text, state) { $("status").textContent = text; $("status").dataset.state = state; }
@@ -1933,6 +1943,7 @@ PAGE = """<!doctype html>
       el.hidden = el.dataset.modes.split(" ").indexOf(mode()) < 0;
     });
     $("member-panel").hidden = mode() !== "room";
+    document.querySelector("main").classList.toggle("solo", mode() !== "room");
   }
 
   function target() {
@@ -1961,6 +1972,7 @@ PAGE = """<!doctype html>
   }
   function setWanted(on) {
     wanted = on;
+    document.body.classList.toggle("connected", on);
     $("connect").hidden = on; $("disconnect").hidden = !on;
     ["mode", "room", "name", "item", "token"].forEach(function (id) { $(id).disabled = on; });
   }
@@ -1969,8 +1981,9 @@ PAGE = """<!doctype html>
     var url;
     try { url = target(); } catch (err) { setStatus(err.message, "error"); setWanted(false); return; }
     setStatus(attempt ? "Reconnecting\\u2026" : "Connecting\\u2026", attempt ? "retry" : "closed");
-    var socket = ws = new WebSocket(url);
+    var socket = ws = new WebSocket(url), opened = false;
     socket.onopen = function () {
+      opened = true;
       if (mode() !== "room") { setStatus("Connected (" + mode() + ")", "open"); attempt = 0; setConnected(true); }
     };
     socket.onmessage = function (event) {
@@ -1982,11 +1995,14 @@ PAGE = """<!doctype html>
       ws = null; clearInterval(pingTimer); setConnected(false);
       var why = "code " + event.code + (event.reason ? ", " + event.reason : "");
       var fatal = [1003, 1008, 1009].indexOf(event.code) >= 0;
-      if (wanted && mode() === "room" && !fatal) {
+      if (wanted && mode() === "room" && joined && !fatal) {
         var delay = Math.min(15000, 500 * Math.pow(2, attempt)) * (0.5 + Math.random() / 2);
         attempt += 1;
         setStatus("Connection lost (" + why + "). Reconnecting in " + (delay / 1000).toFixed(1) + " s\\u2026", "retry");
         retryTimer = setTimeout(open, delay);
+      } else if (wanted && !opened && !joined) {
+        setWanted(false);
+        setStatus("Could not connect (" + why + "): refused or unreachable; check the token, room and name", "error");
       } else {
         setWanted(false);
         setStatus("Disconnected (" + why + ")", fatal ? "error" : "closed");
@@ -2000,12 +2016,12 @@ PAGE = """<!doctype html>
     if (frame.type === "welcome") {
       if (epoch !== null && frame.epoch !== epoch) { lastId = null; notice("The room's history restarted on the server."); }
       else if (frame.recovered === false) notice("Some messages may have been missed while disconnected.");
-      epoch = frame.epoch; attempt = 0;
+      epoch = frame.epoch; attempt = 0; joined = true;
       members = new Set(frame.members); renderMembers(frame.count);
       setStatus("Connected to " + frame.room + " as " + frame.client_id, "open");
       setConnected(true);
       clearInterval(pingTimer);
-      var every = frame.timeout > 0 ? Math.max(1000, Math.min(25000, frame.timeout * 1000 / 3)) : 25000;
+      var every = frame.timeout > 0 ? Math.max(250, Math.min(25000, frame.timeout * 1000 / 3)) : 25000;
       pingTimer = setInterval(function () { if (ws) ws.send('{"type":"ping"}'); }, every);
     } else if (frame.type === "message") {
       if (typeof frame.id === "number") {
@@ -2029,7 +2045,7 @@ PAGE = """<!doctype html>
     event.preventDefault();
     if (ws) return;
     $("messages").replaceChildren(); members.clear(); renderMembers(0);
-    attempt = 0; setWanted(true); open();
+    attempt = 0; joined = false; setWanted(true); open();
   });
   $("disconnect").addEventListener("click", function () {
     setWanted(false); clearTimeout(retryTimer); clearInterval(pingTimer);
