@@ -427,9 +427,10 @@ class Connection:
             self._wake_writer()
 
     def finish(self) -> None:
-        """The socket is gone: accept nothing more and let the writer end."""
+        """The socket is gone: accept nothing more and let an idle writer end."""
         self.closed = True
-        self._wake_writer()
+        if self._wakeup is not None:
+            self._wake_writer()
 
     @property
     def pending(self) -> int:
@@ -555,9 +556,9 @@ class ConnectionManager:
             return
         for conn in list(self._connections.values()):
             conn.close(WS_1001_GOING_AWAY, "server shutting down")
-        deadline = self.loop.time() + grace
-        while any(c._writer for c in self._connections.values()) and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        writers = [conn._writer for conn in self._connections.values() if conn._writer is not None]
+        if writers:   # the close frames go out; a client that never reads is not waited for
+            await asyncio.wait(writers, timeout=grace)
         await self.broker.stop()
         self._started = False
 
