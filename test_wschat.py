@@ -2809,6 +2809,7 @@ def test_redis_http_api_gives_the_same_answers_on_every_process(serve, redis_ser
         bob, _ = await join(room_url(b, "r", "bob"))
         solo, _ = await join(room_url(a, "only-a", "solo"))
         await alice.send("one")
+        await bob.messages(1)          # two processes: "one" must be stored before "two" is sent
         await bob.send("two")
         await alice.messages(2)
         expected_rooms = {"rooms": [{"room": "only-a", "count": 1}, {"room": "r", "count": 2}]}

@@ -43,6 +43,7 @@ import re
 import secrets
 import sys
 import time
+import weakref
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
@@ -182,6 +183,7 @@ def mask_url(url: str) -> str:
 
 LOBBY = "lobby"
 MEMBERS_IN_WELCOME = 100   # welcome and presence frames list at most this many ids
+PRESENCE_FRAMES_PER_SECOND = 2000   # per room: a room of N members hears presence every N/2000 s at most
 ROOM_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 _ROOM_NAME = re.compile(ROOM_PATTERN)
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -319,7 +321,9 @@ class ChatSocket(Protocol):
     async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
-RAW_SEND = "wschat.send"   # scope key: the ASGI server's own send, recorded by _RecordSend
+RAW_SEND = "wschat.send"              # scope key: the ASGI server's own send, recorded by _RecordSend
+SEND_NOWAIT = "wschat.send_nowait"    # scope extension: write a message now if the socket can take it
+_WIRE = "wschat.wire"                 # message key: the frame bytes a server keeps for a shared message
 
 
 class _RecordSend:
@@ -359,16 +363,17 @@ def text_message(frame: str) -> dict:
 class Connection:
     """One accepted WebSocket: who it is, where it is, and its outbound queue.
 
-    ``push`` queues a frame and returns at once. The connection's own writer task
-    hands queued frames to the socket in order, so a socket that stops reading only
-    ever delays itself. The writer starts with the first frame and then sleeps on a
-    future between batches, which is cheaper than a new task per batch. A queue
-    holding ``send_queue`` frames not yet sent marks a client too slow: see
-    ``ConnectionManager``.
+    ``push`` hands a frame over and returns at once, never waiting for the socket.
+    Where the server offers ``wschat.send_nowait`` and the socket can take the frame,
+    it is written there and then, as ``websockets.broadcast()`` does. Otherwise it
+    joins the connection's queue, and a writer task, alive only while that queue is
+    not empty, sends it in order when the socket drains; so a socket that stops
+    reading only ever delays itself. A queue holding ``send_queue`` frames marks a
+    client too slow: see ``ConnectionManager``.
     """
 
     __slots__ = ("socket", "client_id", "room", "view", "credential", "closed", "last_seen",
-                 "_manager", "_loop", "_send", "_outbox", "_backlog", "_limit", "_writer", "_wakeup",
+                 "_manager", "_loop", "_send", "_send_nowait", "_outbox", "_backlog", "_limit", "_writer",
                  "_close_request", "_abandoned", "_tokens", "_stamp", "_idle_timer", "_in_room")
 
     def __init__(self, manager: ConnectionManager, socket: ChatSocket, *, client_id: str,
@@ -382,12 +387,12 @@ class Connection:
         self._manager = manager
         self._loop = manager.loop
         self._send = _message_sender(socket)
+        self._send_nowait = getattr(socket, "scope", {}).get("extensions", {}).get(SEND_NOWAIT)
         self.last_seen = self._loop.time()
         self._outbox: list[dict] = []
         self._backlog = 0                    # frames queued and not yet handed to the socket
         self._limit = manager.settings.send_queue
         self._writer: asyncio.Task | None = None
-        self._wakeup: asyncio.Future | None = None
         self._close_request: tuple[int, str] | None = None
         self._abandoned = False              # drop what is queued: the client is gone or too slow
         self._tokens = manager.settings.rate_burst
@@ -403,15 +408,18 @@ class Connection:
         self.push_message(text_message(frame))
 
     def push_message(self, message: dict) -> None:
-        """Queue one ``websocket.send`` message, possibly shared with other connections."""
+        """Send or queue one ``websocket.send`` message, possibly shared with other connections."""
         if self.closed:
+            return
+        if not self._backlog and self._send_nowait is not None and self._send_nowait(message):
             return
         if self._backlog >= self._limit:
             self._manager._overflowed(self)
             return
         self._outbox.append(message)
         self._backlog += 1
-        self._wake_writer()
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._write())
 
     def send_error(self, reason: str) -> None:
         """An error frame on the room route; a plain ``Error: ...`` line on text routes."""
@@ -424,13 +432,12 @@ class Connection:
         if self._close_request is None:
             self.closed = True
             self._close_request = (code, reason)
-            self._wake_writer()
+            if self._writer is None:
+                self._writer = self._loop.create_task(self._write())
 
     def finish(self) -> None:
-        """The socket is gone: accept nothing more and let an idle writer end."""
+        """The socket is gone: accept nothing more."""
         self.closed = True
-        if self._wakeup is not None:
-            self._wake_writer()
 
     @property
     def pending(self) -> int:
@@ -447,39 +454,24 @@ class Connection:
         self._outbox = []
         self._backlog = 0
 
-    def _wake_writer(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            if not wakeup.done():
-                wakeup.set_result(None)
-        elif self._writer is None:
-            self._writer = self._loop.create_task(self._write())
-
     async def _write(self) -> None:
         send = self._send
         try:
-            while True:
-                while self._outbox:
-                    batch, self._outbox = self._outbox, []
-                    for message in batch:
-                        if self._abandoned:
-                            break
-                        await send(message)
-                        self._backlog -= 1
-                if self._close_request is not None:
-                    await self.socket.close(*self._close_request)
-                    return
-                if self.closed:
-                    return
-                self._wakeup = self._loop.create_future()
-                await self._wakeup
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                for message in batch:
+                    if self._abandoned:
+                        break
+                    await send(message)
+                    self._backlog -= 1
+            if self._close_request is not None:
+                await self.socket.close(*self._close_request)
         except Exception as exc:  # the peer vanished mid-send: the reader cleans up
             self.closed = True
             self._abandon()
             logger.debug("send to %r failed: %s", self, exc.__class__.__name__)
         finally:
-            self._writer = self._wakeup = None
+            self._writer = None
 
     def _take_token(self, now: float, rate: float, burst: float) -> bool:
         """Token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
@@ -808,7 +800,10 @@ class ConnectionManager:
         else:
             room.changes[client_id] = joined
         if room.flush_timer is None:
-            room.flush_timer = self.loop.call_later(self.settings.presence_interval, self._flush_presence, room)
+            # Big rooms hear about presence less often, so a connect storm into a room
+            # of thousands costs each member a few frames, not one every interval.
+            delay = max(self.settings.presence_interval, len(room.json) / PRESENCE_FRAMES_PER_SECOND)
+            room.flush_timer = self.loop.call_later(delay, self._flush_presence, room)
 
     def _flush_presence(self, room: Room) -> None:
         # At most one presence frame per room per interval, shared by every member, so
@@ -2145,6 +2140,26 @@ def _check_broker(broker: Broker) -> None:
         raise click.ClickException(f"cannot reach broker {mask_url(broker.url)}: {exc}") from None
 
 
+class _WriteBatcher:
+    """One callback per event-loop tick flushes every socket written to during that tick."""
+
+    __slots__ = ("_loop", "_dirty")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[_CoalescingTransport] = []
+
+    def mark(self, transport: _CoalescingTransport) -> None:
+        if not self._dirty:
+            self._loop.call_soon(self._flush)
+        self._dirty.append(transport)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for transport in dirty:
+            transport.flush()
+
+
 class _CoalescingTransport:
     """Gathers one event-loop tick of writes to a socket into a single ``write``.
 
@@ -2153,28 +2168,25 @@ class _CoalescingTransport:
     Everything but ``write`` and ``close`` goes to the real transport.
     """
 
-    __slots__ = ("_transport", "_loop", "_chunks", "_flush_scheduled")
+    __slots__ = ("_transport", "_batcher", "_chunks")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, batcher: _WriteBatcher) -> None:
         self._transport = transport
-        self._loop = loop
+        self._batcher = batcher
         self._chunks: list[bytes] = []
-        self._flush_scheduled = False
 
     def write(self, data: bytes) -> None:
+        if not self._chunks:
+            self._batcher.mark(self)
         self._chunks.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
+    def flush(self) -> None:
         chunks, self._chunks = self._chunks, []
         if chunks and not self._transport.is_closing():
             self._transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
@@ -2182,11 +2194,11 @@ class _CoalescingTransport:
 
 
 def coalescing_websocket_protocol(**kwargs: Any) -> asyncio.Protocol:
-    """uvicorn's websockets-sansio protocol with coalesced writes: ``uvicorn ... --ws wschat:coalescing_websocket_protocol``."""
+    """uvicorn's websockets-sansio protocol, tuned for fan-out (``serve`` uses it).
+
+    Use it with your own uvicorn: ``uvicorn app:app --ws wschat:coalescing_websocket_protocol``.
+    """
     return _coalescing_protocol_class()(**kwargs)
-
-
-_WIRE = "wschat.wire"   # key under which the protocol keeps a message's framed bytes
 
 
 @functools.lru_cache(maxsize=None)
@@ -2196,32 +2208,59 @@ def _coalescing_protocol_class() -> type:
     from websockets.frames import Frame, Opcode
     from websockets.protocol import State
 
-    class CoalescingWebSocketProtocol(WebSocketsSansIOProtocol):
-        """Writes coalesced per tick, and each shared message framed once for all its recipients.
+    def wire(message: dict) -> bytes:
+        # Server frames are unmasked and compression is off: the bytes are the same for
+        # every recipient, so the first one frames the shared message for all the others.
+        framed = message.get(_WIRE)
+        if framed is None:
+            framed = message[_WIRE] = Frame(Opcode.TEXT, message["text"].encode()).serialize(mask=False)
+        return framed
 
-        Server frames are not masked and compression is off, so a text frame's bytes
-        are the same for every client: the first recipient frames the message and keeps
-        the bytes on the message dict for the others. Anything unusual (handshake,
-        close, a negotiated extension) takes uvicorn's own path.
+    class CoalescingWebSocketProtocol(WebSocketsSansIOProtocol):
+        """websockets-sansio with three changes for fan-out.
+
+        Writes are coalesced per loop tick; a text message shared by many recipients is
+        framed once; and the ``wschat.send_nowait`` scope extension writes a message at
+        once when the socket can take it (False when it cannot), so a fan-out needs no
+        task per recipient. Anything unusual (handshake, close, a negotiated
+        extension) takes uvicorn's own path.
         """
 
+        batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # one per event loop
+
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(_CoalescingTransport(transport, self.loop))
+            batcher = self.batchers.get(self.loop)
+            if batcher is None:
+                batcher = self.batchers[self.loop] = _WriteBatcher(self.loop)
+            super().connection_made(_CoalescingTransport(transport, batcher))
+
+        def handle_connect(self, event: Any) -> None:
+            super().handle_connect(event)
+            scope = getattr(self, "scope", None)
+            if scope is not None:   # the app's task starts later and sees the extension
+                scope["extensions"][SEND_NOWAIT] = self.send_nowait
+
+        def _plain_text_frames(self) -> bool:
+            return (self.handshake_complete and not self.close_sent and not self.disconnected
+                    and self.initial_response is None and not self.conn.extensions
+                    and self.conn.state is State.OPEN)
+
+        def send_nowait(self, message: dict) -> bool:
+            if not (self.writable.is_set() and self._plain_text_frames()):
+                return False
+            self.transport.write(wire(message))
+            return True
 
         async def send(self, message: Any) -> None:
-            if (message["type"] != "websocket.send" or not self.handshake_complete or self.close_sent
-                    or self.initial_response is not None or self.conn.extensions or "text" not in message):
-                return await super().send(message)
-            if not self.writable.is_set():   # paused by the transport: this client is behind
-                await self.writable.wait()
-            if self.disconnected:
-                raise ClientDisconnected()
-            if self.close_sent or self.conn.state is not State.OPEN:
-                return await super().send(message)
-            wire = message.get(_WIRE)
-            if wire is None:
-                wire = message[_WIRE] = Frame(Opcode.TEXT, message["text"].encode()).serialize(mask=False)
-            self.transport.write(wire)
+            if message["type"] == "websocket.send" and "text" in message:
+                if not self.writable.is_set():   # paused by the transport: this client is behind
+                    await self.writable.wait()
+                if self.disconnected:
+                    raise ClientDisconnected()
+                if self._plain_text_frames():
+                    self.transport.write(wire(message))
+                    return
+            await super().send(message)
 
     return CoalescingWebSocketProtocol
 

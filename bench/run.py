@@ -1,0 +1,735 @@
+#!/usr/bin/env python3
+"""Benchmark wschat against the FastAPI tutorial's ConnectionManager.
+
+    python bench/run.py              # full run, about 5 minutes
+    python bench/run.py --quick      # smoke run with small numbers
+    python bench/run.py --scenario 3 # one scenario (repeatable: --scenario 1 --scenario 4)
+
+For each scenario, wschat and the baseline are started one after the other
+(never together), each on core 0, with the C load generator on core 1. The
+result is one markdown table (wschat, baseline, wschat/baseline) on stdout and
+bench/results.json. Progress goes to stderr. See bench/README.md.
+
+The harness itself is stdlib only. The servers need fastapi + uvicorn[standard]:
+they run under --python (default: this interpreter if it has them, else
+/tmp/benchvenv/bin/python).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BUILD = BENCH / ".build"
+LOADGEN_SRC = BENCH / "loadgen.c"
+LOADGEN = BUILD / "loadgen"
+WSCHAT = ROOT / "wschat.py"
+FALLBACK_PYTHON = "/tmp/benchvenv/bin/python"
+
+SERVER_CORE, LOADGEN_CORE = "0", "1"
+
+# Every process we start, by pid, so that nothing outlives the run (also on
+# Ctrl-C or an exception): see stop() and main()'s finally.
+RUNNING: dict[int, subprocess.Popen] = {}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    """A server or the load generator did not do its part; recorded, not fatal."""
+
+
+# ---------------------------------------------------------------------------
+# processes
+
+def spawn(cmd: list[str], *, cwd: Path, logfile: Path, stdin=subprocess.DEVNULL,
+          stdout=None) -> subprocess.Popen:
+    out = open(logfile, "wb")
+    # A new session: Ctrl-C reaches only this script, which then stops the
+    # children itself, in order (server first, see run_one).
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=stdin, stdout=stdout or out, stderr=out,
+                            start_new_session=True)
+    out.close()
+    RUNNING[proc.pid] = proc
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float) -> str:
+    """SIGTERM, then SIGKILL after `grace` seconds. Returns how it ended."""
+    how = "exited"
+    if proc.poll() is None:
+        how = "terminated"
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            how = "killed"
+            proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                how = "unkillable"
+    RUNNING.pop(proc.pid, None)
+    for f in (proc.stdin, proc.stdout):
+        if f:
+            try:
+                f.close()
+            except OSError:
+                pass
+    return how
+
+
+def stop_all() -> None:
+    for proc in list(RUNNING.values()):
+        stop(proc, grace=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_stat() -> dict[str, list[int]]:
+    """Per-core jiffies from /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and not line.startswith("cpu "):
+            name, *fields = line.split()
+            out[name] = [int(x) for x in fields]
+    return out
+
+
+def busy(fields: list[int]) -> int:
+    return fields[0] + fields[1] + fields[2] + fields[5] + fields[6]  # user nice system irq softirq
+
+
+def proc_ticks(pid: int) -> int:
+    """utime+stime of one process, in jiffies (0 if it is gone)."""
+    try:
+        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(rest[11]) + int(rest[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def self_ticks() -> float:
+    t = os.times()
+    return (t.user + t.system) * CLK_TCK
+
+
+class Background:
+    """CPU used by processes other than ours (other users, other tests) while we measure.
+
+    Other work on these two cores makes the figures meaningless, and this harness
+    cannot prevent it, so it measures and reports it.
+    """
+
+    def __init__(self) -> None:
+        self.stat, self.mine, self.t = cpu_stat(), self_ticks(), time.monotonic()
+
+    def other_pct(self, our_ticks: float = 0) -> dict:
+        """% of one core used by others since __init__; our_ticks = our children's jiffies."""
+        stat, wall = cpu_stat(), time.monotonic() - self.t
+        ticks = wall * CLK_TCK or 1
+        total = sum(busy(stat[c]) - busy(self.stat[c]) for c in stat)
+        steal = sum(stat[c][7] - self.stat[c][7] for c in stat)
+        other = total - our_ticks - (self_ticks() - self.mine)
+        return {"other_cpu_pct_of_core": round(max(other, 0) / ticks * 100, 1),
+                "steal_pct_of_core": round(steal / ticks * 100, 1), "seconds": round(wall, 1)}
+
+
+def wait_idle(max_wait: float, threshold: float) -> dict:
+    """Wait (at most max_wait s) for other processes to use less than `threshold` % of a core."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b = Background()
+        time.sleep(1.0)
+        load = b.other_pct()
+        if load["other_cpu_pct_of_core"] < threshold or time.monotonic() >= deadline:
+            return load
+        log(f"    machine busy: other processes use {load['other_cpu_pct_of_core']:.0f}% of a core; waiting")
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+# ---------------------------------------------------------------------------
+# the two servers
+
+class Server:
+    """How to start one server kind and how its WebSocket URLs look."""
+
+    name = ""
+
+    def __init__(self, python: str, logdir: Path):
+        self.python = python
+        self.logdir = logdir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def command(self, scenario: int) -> list[str]:
+        raise NotImplementedError
+
+    def cwd(self) -> Path:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, scenario: int) -> None:
+        self.port = free_port()
+        self.log = self.logdir / f"{self.name}-s{scenario}.log"
+        cmd = ["taskset", "-c", SERVER_CORE, *self.command(scenario)]
+        self.cmdline = shlex.join(cmd)
+        self.proc = spawn(cmd, cwd=self.cwd(), logfile=self.log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.proc.returncode} at start:\n{tail(self.log)}")
+            try:
+                if self.ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} not ready after 30 s:\n{tail(self.log)}")
+
+    def stats(self) -> dict | None:
+        return None
+
+    def stop(self) -> str:
+        if self.proc is None:
+            return "not started"
+        how = stop(self.proc, grace=2)
+        self.proc = None
+        return how
+
+
+class WsChat(Server):
+    name = "wschat"
+
+    def start(self, scenario: int) -> None:
+        # wschat.py may be edited while a run goes on: record which version served
+        self.version = wschat_version()
+        super().start(scenario)
+
+    def command(self, scenario: int) -> list[str]:
+        cmd = [self.python, str(WSCHAT), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--rate", "0", "--timeout", "0", "--log-level", "warning"]
+        if scenario == 4:
+            cmd += ["--max-connections", "20000"]
+        return cmd
+
+    def cwd(self) -> Path:
+        # a scratch directory: whatever the server might write stays out of the repo
+        return self.logdir
+
+    def ready(self) -> bool:
+        return http_get(self.port, "/healthz", timeout=1)[0] == 200
+
+    def paths(self, scenario: int) -> dict:
+        room = f"/rooms/bench{scenario}/ws"
+        return {"sub": room + "?client_id=s%d", "pub": room + "?client_id=pub",
+                "presence": '"type":"presence"'}
+
+    def stats(self) -> dict | None:
+        try:
+            status, body = http_get(self.port, "/stats", timeout=5)
+            return json.loads(body) if status == 200 else {"http_status": status}
+        except (OSError, ValueError) as e:
+            return {"error": repr(e)}
+
+
+class Baseline(Server):
+    name = "baseline"
+
+    def command(self, scenario: int) -> list[str]:
+        # Scenario 5 needs join announcements, which the tutorial does not make:
+        # naive_server_joins.py is the tutorial plus one "joined the chat" broadcast.
+        app = "naive_server_joins:app" if scenario == 5 else "naive_server:app"
+        return [self.python, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "warning"]
+
+    def cwd(self) -> Path:
+        return BENCH
+
+    def ready(self) -> bool:
+        return http_get(self.port, "/", timeout=1)[0] in (200, 404)  # no route: any answer will do
+
+    def paths(self, scenario: int) -> dict:
+        return {"sub": "/ws/%d", "pub": "/ws/pub",
+                "presence": "joined the chat" if scenario == 5 else None}
+
+
+# ---------------------------------------------------------------------------
+# scenarios: loadgen arguments, full and --quick
+
+def scenario_params(quick: bool) -> dict[int, dict]:
+    if quick:
+        return {
+            1: dict(mode="fanout", subs=200, duration=3, warmup=0.5, inflight=10, concurrency=200),
+            2: dict(mode="rate", subs=200, rate=20, duration=3, warmup=0.5, tail=2, concurrency=200),
+            3: dict(mode="slow", subs=50, slow=5, size=16384, rate=100, duration=4, drain=2, concurrency=100),
+            4: dict(mode="conns", subs=1000, concurrency=200),
+            5: dict(mode="join", subs=200, concurrency=100, tail=2),
+        }
+    return {
+        1: dict(mode="fanout", subs=1000, duration=10, warmup=1, inflight=10, concurrency=200),
+        2: dict(mode="rate", subs=1000, rate=20, duration=10, warmup=1, tail=2, concurrency=200),
+        3: dict(mode="slow", subs=200, slow=5, size=16384, rate=100, duration=15, drain=5, concurrency=100),
+        4: dict(mode="conns", subs=10000, concurrency=200),
+        5: dict(mode="join", subs=1000, concurrency=100, tail=2),
+    }
+
+
+TITLES = {1: "fan-out", 2: "latency @ fixed rate", 3: "slow clients", 4: "idle connections",
+          5: "join storm"}
+
+
+def loadgen_timeout(p: dict) -> float:
+    # connect (bounded at 120 s by the loadgen) + the scenario's own phases + slack
+    return 120 + p.get("warmup", 0) + p.get("duration", 0) + p.get("drain", 0) + p.get("tail", 0) + 30
+
+
+def run_one(server: Server, scenario: int, p: dict) -> dict:
+    """Start the server, run the loadgen against it, stop both. Returns loadgen's JSON."""
+    background = Background()
+    server.start(scenario)
+    paths = server.paths(scenario)
+    args = [str(LOADGEN), "--port", str(server.port), "--pid", str(server.proc.pid),
+            "--sub-path", paths["sub"], "--pub-path", paths["pub"], "--hold"]
+    if paths["presence"]:
+        args += ["--presence", paths["presence"]]
+    for k, v in p.items():
+        args += [f"--{k}", str(v)]
+    cmd = ["taskset", "-c", LOADGEN_CORE, *args]
+    lg_log = server.logdir / f"loadgen-{server.name}-s{scenario}.log"
+    lg = spawn(cmd, cwd=BENCH, logfile=lg_log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        line = b""
+        deadline = time.monotonic() + loadgen_timeout(p)
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"loadgen gave no result within {loadgen_timeout(p):.0f} s")
+            r, _, _ = select.select([lg.stdout], [], [], min(left, 1.0))
+            if r:
+                chunk = os.read(lg.stdout.fileno(), 65536)
+                if not chunk:
+                    raise BenchError(f"loadgen exited ({lg.poll()}) without a result:\n{tail(lg_log)}")
+                line += chunk
+        result = json.loads(line)
+        result["background"] = background.other_pct(proc_ticks(server.proc.pid) + proc_ticks(lg.pid))
+        result["loadgen_cmd"] = shlex.join(cmd)
+        if isinstance(server, WsChat):
+            result["wschat_version"] = server.version
+        result["server_cmd"] = server.cmdline
+        stats = server.stats()
+        if stats is not None:
+            result["server_stats"] = stats
+        if server.proc.poll() is not None:
+            result["server_exited"] = server.proc.returncode
+            result["server_log_tail"] = tail(server.log)
+        return result
+    finally:
+        # The server goes first: with the loadgen's sockets still open it cannot
+        # start broadcasting "left the chat" to everyone (O(n^2) for the tutorial).
+        server_end = server.stop()
+        try:
+            lg.stdin.close()  # EOF tells a --hold loadgen to exit
+            lg.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        stop(lg, grace=2)
+        log(f"    {server.name} stopped ({server_end})")
+
+
+# ---------------------------------------------------------------------------
+# the table
+
+def fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return f"{v:,}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def ratio(a, b) -> str:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return f"{a / b:.2f}"
+    return "—"
+
+
+def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
+    """(label, value) rows for one scenario's loadgen result."""
+    mb = lambda kb: kb / 1024 if isinstance(kb, (int, float)) and kb >= 0 else None  # noqa: E731
+    if scenario == 1:
+        return [
+            ("deliveries/s", r["deliveries_per_s"]),
+            ("latency p50 (ms)", r["p50_ms"]),
+            ("latency p99 (ms)", r["p99_ms"]),
+            ("server CPU µs / delivery", r["server_cpu_us_per_delivery"]),
+            ("loadgen CPU µs / delivery", r["loadgen_cpu_us_per_delivery"]),
+        ]
+    if scenario == 2:
+        return [
+            ("latency p50 (ms)", r["p50_ms"]),
+            ("latency p99 (ms)", r["p99_ms"]),
+            ("delivered (% of expected)",
+             100.0 * r["window_msgs_delivered"] / r["expected"] if r["expected"] else None),
+            ("server CPU µs / delivery", r["server_cpu_us_per_delivery"]),
+        ]
+    if scenario == 3:
+        stats = r.get("server_stats") or {}
+        return [
+            (f"delivered to the {r['subs']} readers (%)", 100.0 * r["delivery_ratio"]),
+            ("server RSS start (MB)", mb(r["rss_start_kb"])),
+            ("server RSS max (MB)", mb(r["rss_max_kb"])),
+            ("server RSS end (MB)", mb(r["rss_end_kb"])),
+            (f"slow clients dropped (of {r['slow']}, seen by client)", r["slow_dropped"]),
+            ("slow_clients_dropped (GET /stats)", stats.get("slow_clients_dropped") if server == "wschat" else None),
+        ]
+    if scenario == 4:
+        return [
+            ("connections open", r["connected"]),
+            ("time to connect all (s)", r["connect_s"]),
+            ("server RSS before (MB)", mb(r["rss_before_kb"])),
+            ("server RSS after (MB)", mb(r["rss_after_kb"])),
+            ("RSS per connection (KB)", r["rss_per_conn_bytes"] / 1024 if r["connected"] else None),
+            # the tutorial announces nothing on join; wschat's presence explains its connect time
+            ("presence frames received while connecting", r["presence_frames"] if server == "wschat" else None),
+            ("presence MB received while connecting", r["presence_bytes"] / 1e6 if server == "wschat" else None),
+        ]
+    if scenario == 5:
+        return [
+            ("members joined", r["members"]),
+            ("time to join all (s)", r["connect_s"]),
+            ("presence frames, total", r["presence_frames"]),
+            ("presence bytes, total", r["presence_bytes"]),
+            ("presence frames per member", r["presence_frames_per_member"]),
+            ("presence bytes per member", r["presence_bytes_per_member"]),
+        ]
+    raise ValueError(scenario)
+
+
+def build_rows(results: dict, params: dict) -> list[list[str]]:
+    rows = []
+    for n, per_server in results.items():
+        labels: list[str] = []
+        values: dict[str, dict[str, object]] = {}
+        for server, r in per_server.items():
+            if "error" in r:
+                continue
+            for label, v in metrics(n, r, server):
+                if label not in labels:
+                    labels.append(label)
+                values.setdefault(server, {})[label] = v
+        if not labels:
+            labels = ["(no result)"]
+        for label in labels:
+            w = values.get("wschat", {}).get(label) if "error" not in per_server.get("wschat", {}) else "error"
+            b = values.get("baseline", {}).get(label) if "error" not in per_server.get("baseline", {}) else "error"
+            if "wschat" not in per_server:
+                w = "not run"
+            if "baseline" not in per_server:
+                b = "not run"
+            rows.append([f"{n} {TITLES[n]}", label, fmt(w), fmt(b), ratio(w, b)])
+        if n == 5 and "baseline" in per_server:
+            # what per-join broadcasting costs on paper: joiner k reaches k members
+            m = params[5]["subs"]
+            rows.append([f"{n} {TITLES[n]}", "join broadcasts n(n+1)/2 (computed, not measured)",
+                         "—", fmt(m * (m + 1) // 2), "—"])
+    return rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    head = ["scenario", "metric", "wschat", "baseline", "wschat/baseline"]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells, right: "| " + " | ".join(  # noqa: E731
+        (c.rjust(w) if right and i >= 2 else c.ljust(w)) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i >= 2 else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head, False), sep, *(line(r, True) for r in rows)])
+
+
+def notes(results: dict) -> list[str]:
+    """Things a reader of the table must know: errors, refused or dropped clients."""
+    out = []
+    for n, per_server in results.items():
+        for server, r in per_server.items():
+            where = f"scenario {n}, {server}"
+            if "error" in r:
+                out.append(f"{where}: ERROR {r['error']}")
+                continue
+            if r.get("connect_failed"):
+                out.append(f"{where}: {r['connect_failed']} of {r['conns']} connections failed "
+                           f"(tcp {r['connect_failed_tcp']}, 4xx {r['connect_failed_4xx']}, "
+                           f"5xx {r['connect_failed_5xx']}, other {r['connect_failed_other']})")
+            if r.get("subs_closed_by_server"):
+                out.append(f"{where}: server closed {r['subs_closed_by_server']} reading subscribers "
+                           f"(close codes {r['close_codes']})")
+            if r.get("msgs_timed_out"):
+                out.append(f"{where}: {r['msgs_timed_out']} messages never reached every subscriber "
+                           "(closed loop gave up on them after 2 s)")
+            bg = r.get("background", {})
+            if bg.get("other_cpu_pct_of_core", 0) >= 10 or bg.get("steal_pct_of_core", 0) >= 10:
+                out.append(f"{where}: OTHER PROCESSES used {bg['other_cpu_pct_of_core']:.0f}% of a core "
+                           f"(steal {bg['steal_pct_of_core']:.0f}%) during this run: its figures are disturbed")
+            if r.get("handshakes_unfinished"):
+                out.append(f"{where}: only {r['connected']} of {r['conns']} connections were open when the "
+                           f"loadgen's 120 s connect limit ran out ({r['handshakes_unfinished']} handshakes unfinished)")
+            if r.get("protocol_errors"):
+                out.append(f"{where}: {r['protocol_errors']} connections sent frames the loadgen could not parse")
+            if "server_exited" in r:
+                out.append(f"{where}: server exited with {r['server_exited']} during the run")
+            if n == 3 and r.get("msgs_not_taken_by_server_at_stop"):
+                out.append(f"{where}: about {r['msgs_not_taken_by_server_at_stop']} of "
+                           f"{r['msgs_planned']} messages were still unread by the server at the "
+                           "end of publishing (it stopped reading the publisher)")
+        w, b = per_server.get("wschat", {}), per_server.get("baseline", {})
+        if n == 1:
+            for server, r in (("wschat", w), ("baseline", b)):
+                if "loadgen_cpu_us_per_delivery" in r:
+                    ok = r["loadgen_cpu_us_per_delivery"] < r["server_cpu_us_per_delivery"]
+                    out.append(f"scenario 1, {server}: loadgen CPU per delivery "
+                               f"{r['loadgen_cpu_us_per_delivery']:.2f} µs vs server "
+                               f"{r['server_cpu_us_per_delivery']:.2f} µs: "
+                               + ("loadgen is cheaper, OK" if ok else "LOADGEN IS NOT CHEAPER: figures suspect"))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# environment
+
+def pick_python(requested: str | None) -> str:
+    candidates = [requested] if requested else [sys.executable, FALLBACK_PYTHON]
+    for py in candidates:
+        if py and (shutil.which(py) or os.path.exists(py)):
+            ok = subprocess.run([py, "-c", "import fastapi, uvicorn, websockets"], capture_output=True,
+                                timeout=60).returncode == 0
+            if ok:
+                return py
+    sys.exit(f"no Python with fastapi, uvicorn[standard] and websockets among {candidates}; "
+             f"create one: python3 -m venv /tmp/benchvenv && "
+             f"/tmp/benchvenv/bin/pip install fastapi 'uvicorn[standard]' click websockets")
+
+
+def machine_info(python: str) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    probe = ("import sys, json, importlib.metadata as m\n"
+             "v = {'python': sys.version.split()[0]}\n"
+             "for p in ('uvicorn', 'websockets', 'fastapi', 'starlette', 'uvloop', 'httptools', 'click'):\n"
+             "    try: v[p] = m.version(p)\n"
+             "    except Exception: v[p] = None\n"
+             "try:\n"
+             "    from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol as A\n"
+             "    v['uvicorn_ws_auto'] = A.__module__.rsplit('.', 1)[-1]\n"
+             "except Exception: pass\n"
+             "print(json.dumps(v))")
+    versions = json.loads(subprocess.run([python, "-c", probe], capture_output=True, text=True,
+                                         timeout=60, check=True).stdout)
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    try:
+        cc = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        cc = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "server_python": python,
+            **versions, "gcc": gcc, "tcp_congestion_control": cc, "harness_python": sys.version.split()[0]}
+
+
+def wschat_version() -> dict:
+    """sha256 of wschat.py as started, the git HEAD, and whether the file differs from HEAD."""
+    v = {"sha256": hashlib.sha256(WSCHAT.read_bytes()).hexdigest()[:12]}
+    try:
+        v["git_head"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                       capture_output=True, text=True, timeout=30).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "wschat.py"],
+                               capture_output=True, timeout=30).returncode
+        v["uncommitted_changes"] = dirty != 0
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
+
+
+def build_loadgen() -> None:
+    BUILD.mkdir(exist_ok=True)
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
+        return
+    log(f"building {LOADGEN.relative_to(ROOT)}")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)], check=True, timeout=120)
+
+
+def raise_nofile() -> None:
+    # children inherit it: the server needs a descriptor per connection (10k in scenario 4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# ---------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short smoke run with small numbers")
+    ap.add_argument("--scenario", type=int, action="append", choices=sorted(TITLES),
+                    help="run only this scenario (repeatable)")
+    ap.add_argument("--servers", default="wschat,baseline",
+                    help="comma-separated subset of wschat,baseline (default both)")
+    ap.add_argument("--python", help="interpreter for the servers (needs fastapi, uvicorn[standard])")
+    ap.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the results")
+    ap.add_argument("--wait-idle", type=float, default=15, metavar="SECONDS",
+                    help="before each run, wait up to this long for other processes to go quiet (default 15)")
+    args = ap.parse_args()
+
+    global SERVER_CORE, LOADGEN_CORE
+    if shutil.which("taskset") is None:
+        sys.exit("taskset not found (util-linux)")
+    if shutil.which("gcc") is None:
+        sys.exit("gcc not found")
+    if (os.cpu_count() or 1) < 2:
+        log("warning: fewer than 2 cores: server and loadgen share core 0, figures are not comparable")
+        LOADGEN_CORE = "0"
+
+    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    if Path.cwd() != ROOT:
+        command = f"cd {shlex.quote(str(Path.cwd()))} && {command}"
+    python = pick_python(args.python)
+    raise_nofile()
+    build_loadgen()
+    machine = machine_info(python)
+    params = scenario_params(args.quick)
+    scenarios = sorted(set(args.scenario or params))
+    wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    logdir = Path(tempfile.mkdtemp(prefix="wschat-bench-"))
+    servers: list[Server] = []
+    if "wschat" in wanted:
+        servers.append(WsChat(python, logdir))
+    if "baseline" in wanted:
+        servers.append(Baseline(python, logdir))
+
+    started = time.time()
+    results: dict[int, dict[str, dict]] = {}
+    interrupted = False
+    try:
+        for n in scenarios:
+            results[n] = {}
+            for server in servers:
+                if isinstance(server, WsChat) and not WSCHAT.exists():
+                    results[n][server.name] = {"error": f"{WSCHAT.relative_to(ROOT)} does not exist"}
+                    continue
+                log(f"scenario {n} ({TITLES[n]}) against {server.name} ...")
+                if args.wait_idle > 0:
+                    wait_idle(args.wait_idle, threshold=10)
+                t0 = time.monotonic()
+                try:
+                    results[n][server.name] = run_one(server, n, params[n])
+                except (BenchError, ValueError, OSError, subprocess.SubprocessError) as e:
+                    results[n][server.name] = {"error": str(e)}
+                    log(f"    ERROR: {e}")
+                log(f"    done in {time.monotonic() - t0:.1f} s")
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: stopping everything we started")
+    finally:
+        stop_all()
+
+    elapsed = time.time() - started
+    rows = build_rows(results, params)
+    table = markdown(rows)
+    note_lines = notes(results)
+    m = machine
+    print(f"# wschat benchmark{' (QUICK smoke run: small numbers, not comparable)' if args.quick else ''}")
+    print()
+    print(f"command: `{command}`")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; server on core {SERVER_CORE}, "
+          f"loadgen on core {LOADGEN_CORE}")
+    print(f"software: Python {m['python']}, uvicorn {m['uvicorn']} (ws: {m.get('uvicorn_ws_auto')}), "
+          f"websockets {m['websockets']}, fastapi {m['fastapi']}, starlette {m['starlette']}, "
+          f"uvloop {m['uvloop']}, httptools {m['httptools']}; loadgen: {m['gcc']} -O2")
+    print(f"baseline: bench/naive_server.py (FastAPI tutorial ConnectionManager; scenario 5: "
+          f"bench/naive_server_joins.py = same + a 'joined the chat' broadcast)")
+    print(f"run took {elapsed:.0f} s{' (INTERRUPTED)' if interrupted else ''}; server/loadgen logs in {logdir}")
+    versions = {json.dumps(r["wschat_version"], sort_keys=True) for per in results.values()
+                for r in per.values() if "wschat_version" in r}
+    for v in sorted(versions):
+        v = json.loads(v)
+        print(f"wschat.py: sha256 {v['sha256']}, git HEAD {v.get('git_head')}"
+              f"{' + uncommitted changes' if v.get('uncommitted_changes') else ''}")
+    if len(versions) > 1:
+        print("WARNING: wschat.py changed during the run; scenarios ran different versions (see results.json)")
+    bgs = [r["background"]["other_cpu_pct_of_core"] for per in results.values() for r in per.values()
+           if "background" in r]
+    if bgs:
+        print(f"other processes on this machine during the runs: {min(bgs):.0f}-{max(bgs):.0f}% of a core "
+              "(should be near 0; see notes)")
+    print()
+    print(table)
+    if note_lines:
+        print()
+        print("notes:")
+        for line in note_lines:
+            print(f"- {line}")
+    out = {"command": command, "quick": args.quick, "interrupted": interrupted, "started_unix": started,
+           "duration_s": round(elapsed, 1), "machine": machine, "cores": {"server": SERVER_CORE,
+           "loadgen": LOADGEN_CORE}, "params": params, "logs": str(logdir),
+           "results": {str(k): v for k, v in results.items()},
+           "table": [dict(zip(["scenario", "metric", "wschat", "baseline", "ratio"], r)) for r in rows],
+           "notes": note_lines}
+    Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    log(f"results written to {args.json}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    # SIGTERM/SIGHUP behave like Ctrl-C (and Ctrl-C works even where SIGINT was
+    # inherited as ignored) so the finally-block always stops the children
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+    sys.exit(main())
