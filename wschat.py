@@ -55,6 +55,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette import status
 from starlette.requests import HTTPConnection
+from starlette.routing import Router, WebSocketRoute
 
 __all__ = [
     "Connection",
@@ -321,30 +322,14 @@ class ChatSocket(Protocol):
     async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
-RAW_SEND = "wschat.send"              # scope key: the ASGI server's own send, recorded by _RecordSend
+RAW_SEND = "wschat.send"              # scope key: the ASGI server's own send, recorded by _Endpoint
 SEND_NOWAIT = "wschat.send_nowait"    # scope extension: write a message now if the socket can take it
 _WIRE = "wschat.wire"                 # message key: the frame bytes a server keeps for a shared message
 
 
-class _RecordSend:
-    """ASGI middleware, outermost in wschat's app: records the server's ``send`` in the scope.
-
-    Frames then go straight to the server instead of through Starlette's per-message
-    checks and the exception-handling wrappers, which only matter for HTTP responses.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
-            scope[RAW_SEND] = send
-        await self.app(scope, receive, send)
-
-
 def _message_sender(socket: ChatSocket) -> Callable[[dict], Awaitable[None]]:
     """How a connection hands over ``websocket.send`` messages: to the server directly when
-    _RecordSend saw it, else through the socket (fakes in tests, foreign wrappers)."""
+    the route recorded its send, else through the socket (fakes in tests, other wrappers)."""
     raw_send = getattr(socket, "scope", {}).get(RAW_SEND)
     if raw_send is not None:
         return raw_send
@@ -1677,10 +1662,9 @@ def create_app(*, authenticate: Authenticate | None = None, **settings: Any) -> 
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.chat = chat
     app.state.gatekeeper = gate
-    app.add_middleware(_RecordSend)
+    app.add_middleware(_WebSocketRouter, routes=_websocket_routes(chat, gate))
     _redact_uvicorn_logs(config.tokens)
     _add_http_routes(app, chat, gate)
-    _add_websocket_routes(app, chat, gate)
     return app
 
 
@@ -1747,17 +1731,58 @@ async def _broker_call(awaitable: Awaitable[Any]) -> Any:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"broker unavailable: {exc}") from None
 
 
-def _add_websocket_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) -> None:
-    async def session(websocket: WebSocket, admission: Admission | None, handle: Callable[[Connection, str], Any],
-                      **where: Any) -> None:
+class _Endpoint:
+    """A WebSocket route as a bare ASGI app, so Starlette adds no wrapper of its own."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Callable[[WebSocket], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        scope[RAW_SEND] = send
+        await self.handler(WebSocket(scope, receive, send))
+
+
+class _WebSocketRouter:
+    """Outermost ASGI middleware of wschat's app: its WebSocket routes go straight to
+    their endpoints. FastAPI's per-request machinery (dependency solving, exit stacks,
+    exception wrappers) is built for HTTP; held for the life of every open socket it
+    cost about as much memory as the connection itself. Other paths go on to FastAPI.
+    """
+
+    def __init__(self, app: Any, routes: list[WebSocketRoute]) -> None:
+        self.app = app
+        self.router = Router(routes=routes, default=app)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await (self.router if scope["type"] == "websocket" else self.app)(scope, receive, send)
+
+
+def _int_param(websocket: WebSocket, name: str, minimum: int | None = None) -> int | None:
+    """An optional integer query parameter; ValueError when it is not one."""
+    raw = websocket.query_params.get(name)
+    if raw is None:
+        return None
+    value = int(raw)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper) -> list[WebSocketRoute]:
+    async def refuse(websocket: WebSocket, reason: str) -> None:
+        await websocket.close(WS_1008_POLICY_VIOLATION, reason)   # before accepting: HTTP 403
+
+    async def session(websocket: WebSocket, handle: Callable[[Connection, str], Any], *,
+                      credential_required: bool = False, client_id: str | None = None, **where: Any) -> None:
         """Admit, connect, feed every accepted frame to ``handle``, always clean up."""
+        admission = await gate.admit(websocket, credential_required=credential_required)
         if admission is None:
-            await websocket.close(WS_1008_POLICY_VIOLATION, "not allowed")
-            return
-        client_id = where.pop("client_id", None)
+            return await refuse(websocket, "not allowed")
+        client_id = admission.identity or client_id
         if client_id is not None and not valid_client_id(client_id):
-            await websocket.close(WS_1008_POLICY_VIOLATION, "invalid client id")
-            return
+            return await refuse(websocket, "invalid client id")
         conn = await chat.connect(websocket, client_id=client_id, credential=admission.credential, **where)
         if conn is None:
             return
@@ -1769,33 +1794,43 @@ def _add_websocket_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeepe
         finally:
             chat.disconnect(conn)
 
-    @app.websocket("/ws")
     async def echo(websocket: WebSocket) -> None:
-        await session(websocket, await gate.admit(websocket),
-                      lambda conn, frame: conn.push(f"Message text was: {frame}"))
+        await session(websocket, lambda conn, frame: conn.push(f"Message text was: {frame}"))
 
-    @app.websocket("/ws/{client_id}")
-    async def lobby(websocket: WebSocket, client_id: str) -> None:
-        admission = await gate.admit(websocket)
-        await session(websocket, admission, chat.handle_text, room=LOBBY, view=TEXT_VIEW,
-                      client_id=admission.identity or client_id if admission else None)
+    async def lobby(websocket: WebSocket) -> None:
+        await session(websocket, chat.handle_text, room=LOBBY, view=TEXT_VIEW,
+                      client_id=websocket.path_params["client_id"])
 
-    @app.websocket("/items/{item_id}/ws")
-    async def item(websocket: WebSocket, item_id: str, q: int | None = None) -> None:
+    async def item(websocket: WebSocket) -> None:
+        item_id = websocket.path_params["item_id"]
+        try:
+            q = _int_param(websocket, "q")
+        except ValueError:
+            return await refuse(websocket, "q must be an integer")
+
         def reply(conn: Connection, frame: str) -> None:
             conn.push(f"Session cookie or query token value is: {conn.credential}")
             if q is not None:
                 conn.push(f"Query parameter q is: {q}")
             conn.push(f"Message text was: {frame}, for item ID: {item_id}")
 
-        await session(websocket, await gate.admit(websocket, credential_required=True), reply)
+        await session(websocket, reply, credential_required=True)
 
-    @app.websocket("/rooms/{room}/ws")
-    async def room_chat(websocket: WebSocket, room: str = RoomName, client_id: str | None = None,
-                        since: int | None = Query(None, ge=0), epoch: str | None = None) -> None:
-        admission = await gate.admit(websocket)
-        await session(websocket, admission, chat.handle_frame, room=room, since=since, epoch=epoch,
-                      client_id=(admission.identity or client_id) if admission else None)
+    async def room_chat(websocket: WebSocket) -> None:
+        room = websocket.path_params["room"]
+        if not valid_room(room):
+            return await refuse(websocket, "invalid room name")
+        try:
+            since = _int_param(websocket, "since", minimum=0)
+        except ValueError:
+            return await refuse(websocket, "since must be a message id (an integer, 0 or more)")
+        await session(websocket, chat.handle_frame, room=room, since=since,
+                      epoch=websocket.query_params.get("epoch"), client_id=websocket.query_params.get("client_id"))
+
+    return [WebSocketRoute("/ws", _Endpoint(echo)),
+            WebSocketRoute("/ws/{client_id}", _Endpoint(lobby)),
+            WebSocketRoute("/items/{item_id}/ws", _Endpoint(item)),
+            WebSocketRoute("/rooms/{room}/ws", _Endpoint(room_chat))]
 
 
 # ---------------------------------------------------------------------------
