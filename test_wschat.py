@@ -14,10 +14,14 @@ WSCHAT_REQUIRE_BROWSER=1 / WSCHAT_REQUIRE_REDIS=1 (as in CI) turn the skip into 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import itertools
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -27,26 +31,21 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any, Awaitable, Callable
-import concurrent.futures
-import itertools
-import logging
-import re
-import socket as _socket
+from urllib.parse import quote
 
+import httpx
 import pytest
 import websockets
-from websockets.asyncio.client import connect as ws_connect
-
 from click.testing import CliRunner
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from starlette.websockets import WebSocketDisconnect
-from urllib.parse import quote
-import httpx
+from websockets.asyncio.client import connect as ws_connect
 
 import wschat
-from wschat import ConnectionManager, ProtocolError, Settings, create_app, parse_client_frame, plan_replay, valid_client_id, valid_room
+from wschat import (ConnectionManager, ProtocolError, Settings, create_app, parse_client_frame, plan_replay,
+                    valid_client_id, valid_room)
 
 HERE = pathlib.Path(__file__).resolve().parent
 ARTIFACTS = HERE / "test-artifacts"
@@ -1750,10 +1749,10 @@ async def get_members(server: Any, room: str) -> list[str]:
     return sorted(body["members"])
 
 
-def small_window_socket(port: int) -> _socket.socket:
+def small_window_socket(port: int) -> socket.socket:
     """A TCP socket to the server with a tiny receive buffer, so a client that stops reading stalls fast."""
-    sock = _socket.socket()
-    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
     sock.setblocking(False)
     return sock

@@ -351,15 +351,16 @@ class Connection:
     ``push`` hands a frame over and returns at once, never waiting for the socket.
     Where the server offers ``wschat.send_nowait`` and the socket can take the frame,
     it is written there and then, as ``websockets.broadcast()`` does. Otherwise it
-    joins the connection's queue, and a writer task, alive only while that queue is
-    not empty, sends it in order when the socket drains; so a socket that stops
-    reading only ever delays itself. A queue holding ``send_queue`` frames marks a
-    client too slow: see ``ConnectionManager``.
+    joins the connection's queue, and the connection's writer task sends it in order
+    when the socket drains; so a socket that stops reading only ever delays itself.
+    The writer starts with the first queued frame and then sleeps on a future
+    between batches, which is much cheaper than a new task per batch. A queue
+    holding ``send_queue`` frames marks a client too slow: see ``ConnectionManager``.
     """
 
     __slots__ = ("socket", "client_id", "room", "view", "credential", "closed", "last_seen",
                  "_manager", "_loop", "_send", "_send_nowait", "_outbox", "_backlog", "_limit", "_writer",
-                 "_close_request", "_abandoned", "_tokens", "_stamp", "_idle_timer", "_in_room")
+                 "_wakeup", "_close_request", "_abandoned", "_tokens", "_stamp", "_idle_timer", "_in_room")
 
     def __init__(self, manager: ConnectionManager, socket: ChatSocket, *, client_id: str,
                  room: str | None, view: str, credential: str | None = None) -> None:
@@ -378,6 +379,7 @@ class Connection:
         self._backlog = 0                    # frames queued and not yet handed to the socket
         self._limit = manager.settings.send_queue
         self._writer: asyncio.Task | None = None
+        self._wakeup: asyncio.Future | None = None   # set while the writer sleeps
         self._close_request: tuple[int, str] | None = None
         self._abandoned = False              # drop what is queued: the client is gone or too slow
         self._tokens = manager.settings.rate_burst
@@ -403,8 +405,7 @@ class Connection:
             return
         self._outbox.append(message)
         self._backlog += 1
-        if self._writer is None:
-            self._writer = self._loop.create_task(self._write())
+        self._wake_writer()
 
     def send_error(self, reason: str) -> None:
         """An error frame on the room route; a plain ``Error: ...`` line on text routes."""
@@ -417,12 +418,12 @@ class Connection:
         if self._close_request is None:
             self.closed = True
             self._close_request = (code, reason)
-            if self._writer is None:
-                self._writer = self._loop.create_task(self._write())
+            self._wake_writer()
 
     def finish(self) -> None:
-        """The socket is gone: accept nothing more."""
+        """The socket is gone: accept nothing more, and let a sleeping writer end."""
         self.closed = True
+        self._wake_writer(start=False)
 
     @property
     def pending(self) -> int:
@@ -439,24 +440,38 @@ class Connection:
         self._outbox = []
         self._backlog = 0
 
+    def _wake_writer(self, *, start: bool = True) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
+        elif start and self._writer is None:
+            self._writer = self._loop.create_task(self._write())
+
     async def _write(self) -> None:
         send = self._send
         try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                for message in batch:
-                    if self._abandoned:
-                        break
-                    await send(message)
-                    self._backlog -= 1
-            if self._close_request is not None:
-                await self.socket.close(*self._close_request)
+            while True:
+                while self._outbox:
+                    batch, self._outbox = self._outbox, []
+                    for message in batch:
+                        if self._abandoned:
+                            break
+                        await send(message)
+                        self._backlog -= 1
+                if self._close_request is not None:
+                    await self.socket.close(*self._close_request)
+                    return
+                if self.closed:
+                    return
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
         except Exception as exc:  # the peer vanished mid-send: the reader cleans up
             self.closed = True
             self._abandon()
             logger.debug("send to %r failed: %s", self, exc.__class__.__name__)
         finally:
-            self._writer = None
+            self._writer = self._wakeup = None
 
     def _take_token(self, now: float, rate: float, burst: float) -> bool:
         """Token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
@@ -2276,15 +2291,16 @@ def _coalescing_protocol_class() -> type:
                 scope["extensions"][SEND_NOWAIT] = self.send_nowait
 
         def _plain_text_frames(self) -> bool:
-            return (self.handshake_complete and not self.close_sent and not self.disconnected
+            # Cheapest tests first: this runs once per recipient of every message.
+            return (not self.close_sent and not self.disconnected and self.handshake_complete
                     and self.initial_response is None and not self.conn.extensions
                     and self.conn.state is State.OPEN)
 
         def send_nowait(self, message: dict) -> bool:
-            if not (self.writable.is_set() and self._plain_text_frames()):
-                return False
-            self.transport.write(wire(message))
-            return True
+            if self.writable.is_set() and self._plain_text_frames():
+                self.transport.write(wire(message))
+                return True
+            return False
 
         async def send(self, message: Any) -> None:
             if message["type"] == "websocket.send" and "text" in message:

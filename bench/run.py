@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Benchmark wschat against the FastAPI tutorial's ConnectionManager.
 
-    python bench/run.py              # full run, about 5 minutes
+    python bench/run.py              # full run, about 4 minutes
     python bench/run.py --quick      # smoke run with small numbers
     python bench/run.py --scenario 3 # one scenario (repeatable: --scenario 1 --scenario 4)
+    python bench/run.py --no-stock   # skip "wschat on stock uvicorn" (shorter run)
 
-For each scenario, wschat and the baseline are started one after the other
+For each scenario, wschat (`wschat.py serve`), wschat on stock uvicorn
+(bench/wschat_stock_app.py) and the baseline are started one after the other
 (never together), each on core 0, with the C load generator on core 1. The
-result is one markdown table (wschat, baseline, wschat/baseline) on stdout and
-bench/results.json. Progress goes to stderr. See bench/README.md.
+result is one markdown table (wschat, baseline, wschat/baseline, wschat on stock
+uvicorn, stock/baseline) on stdout and bench/results.json. Progress goes to
+stderr. See bench/README.md.
 
 The harness itself is stdlib only. The servers need fastapi + uvicorn[standard]:
 they run under --python (default: this interpreter if it has them, else
@@ -62,12 +65,12 @@ class BenchError(RuntimeError):
 # processes
 
 def spawn(cmd: list[str], *, cwd: Path, logfile: Path, stdin=subprocess.DEVNULL,
-          stdout=None) -> subprocess.Popen:
+          stdout=None, env: dict[str, str] | None = None) -> subprocess.Popen:
     out = open(logfile, "wb")
     # A new session: Ctrl-C reaches only this script, which then stops the
     # children itself, in order (server first, see run_one).
     proc = subprocess.Popen(cmd, cwd=cwd, stdin=stdin, stdout=stdout or out, stderr=out,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     out.close()
     RUNNING[proc.pid] = proc
     return proc
@@ -190,7 +193,7 @@ def tail(path: Path, n: int = 15) -> str:
 
 
 # ---------------------------------------------------------------------------
-# the two servers
+# the three servers
 
 class Server:
     """How to start one server kind and how its WebSocket URLs look."""
@@ -212,12 +215,15 @@ class Server:
     def ready(self) -> bool:
         raise NotImplementedError
 
+    def env(self) -> dict[str, str] | None:
+        return None  # inherit ours
+
     def start(self, scenario: int) -> None:
         self.port = free_port()
         self.log = self.logdir / f"{self.name}-s{scenario}.log"
         cmd = ["taskset", "-c", SERVER_CORE, *self.command(scenario)]
         self.cmdline = shlex.join(cmd)
-        self.proc = spawn(cmd, cwd=self.cwd(), logfile=self.log)
+        self.proc = spawn(cmd, cwd=self.cwd(), logfile=self.log, env=self.env())
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -274,6 +280,32 @@ class WsChat(Server):
             return json.loads(body) if status == 200 else {"http_status": status}
         except (OSError, ValueError) as e:
             return {"error": repr(e)}
+
+
+class WsChatStock(WsChat):
+    """wschat as embedders run it: create_app() served by uvicorn with its default settings.
+
+    `wschat.py serve` uses its own WebSocket protocol (wschat:coalescing_websocket_protocol)
+    and turns per-message-deflate off; this one gets uvicorn's defaults (ws="auto").
+    Same app code, same URLs, same /healthz and /stats as wschat.
+    """
+
+    name = "wschat_stock"
+
+    def command(self, scenario: int) -> list[str]:
+        # bench/wschat_stock_app.py: create_app(rate=0, timeout=0, max_connections=20000)
+        return [self.python, "-m", "uvicorn", "wschat_stock_app:app", "--app-dir", "bench",
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+
+    def cwd(self) -> Path:
+        return ROOT  # --app-dir bench is relative to it
+
+    def env(self) -> dict[str, str] | None:
+        # `import wschat` must find this repository's wschat.py
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ next to wschat.py
+        return env
 
 
 class Baseline(Server):
@@ -401,6 +433,9 @@ def ratio(a, b) -> str:
     return "—"
 
 
+WSCHAT_KINDS = ("wschat", "wschat_stock")
+
+
 def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
     """(label, value) rows for one scenario's loadgen result."""
     mb = lambda kb: kb / 1024 if isinstance(kb, (int, float)) and kb >= 0 else None  # noqa: E731
@@ -428,7 +463,8 @@ def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
             ("server RSS max (MB)", mb(r["rss_max_kb"])),
             ("server RSS end (MB)", mb(r["rss_end_kb"])),
             (f"slow clients dropped (of {r['slow']}, seen by client)", r["slow_dropped"]),
-            ("slow_clients_dropped (GET /stats)", stats.get("slow_clients_dropped") if server == "wschat" else None),
+            ("slow_clients_dropped (GET /stats)",
+             stats.get("slow_clients_dropped") if server in WSCHAT_KINDS else None),
         ]
     if scenario == 4:
         return [
@@ -438,8 +474,10 @@ def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
             ("server RSS after (MB)", mb(r["rss_after_kb"])),
             ("RSS per connection (KB)", r["rss_per_conn_bytes"] / 1024 if r["connected"] else None),
             # the tutorial announces nothing on join; wschat's presence explains its connect time
-            ("presence frames received while connecting", r["presence_frames"] if server == "wschat" else None),
-            ("presence MB received while connecting", r["presence_bytes"] / 1e6 if server == "wschat" else None),
+            ("presence frames received while connecting",
+             r["presence_frames"] if server in WSCHAT_KINDS else None),
+            ("presence MB received while connecting",
+             r["presence_bytes"] / 1e6 if server in WSCHAT_KINDS else None),
         ]
     if scenario == 5:
         return [
@@ -453,7 +491,8 @@ def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
     raise ValueError(scenario)
 
 
-def build_rows(results: dict, params: dict) -> list[list[str]]:
+def build_rows(results: dict, params: dict, stock: bool) -> list[list[str]]:
+    """Table rows; with `stock`, two more cells: wschat on stock uvicorn, stock/baseline."""
     rows = []
     for n, per_server in results.items():
         labels: list[str] = []
@@ -467,24 +506,35 @@ def build_rows(results: dict, params: dict) -> list[list[str]]:
                 values.setdefault(server, {})[label] = v
         if not labels:
             labels = ["(no result)"]
+        def cell(server: str, label: str):
+            if server not in per_server:
+                return "not run"
+            if "error" in per_server[server]:
+                return "error"
+            return values.get(server, {}).get(label)
+
         for label in labels:
-            w = values.get("wschat", {}).get(label) if "error" not in per_server.get("wschat", {}) else "error"
-            b = values.get("baseline", {}).get(label) if "error" not in per_server.get("baseline", {}) else "error"
-            if "wschat" not in per_server:
-                w = "not run"
-            if "baseline" not in per_server:
-                b = "not run"
-            rows.append([f"{n} {TITLES[n]}", label, fmt(w), fmt(b), ratio(w, b)])
+            w, b = cell("wschat", label), cell("baseline", label)
+            row = [f"{n} {TITLES[n]}", label, fmt(w), fmt(b), ratio(w, b)]
+            if stock:
+                s = cell("wschat_stock", label)
+                row += [fmt(s), ratio(s, b)]
+            rows.append(row)
         if n == 5 and "baseline" in per_server:
             # what per-join broadcasting costs on paper: joiner k reaches k members
             m = params[5]["subs"]
             rows.append([f"{n} {TITLES[n]}", "join broadcasts n(n+1)/2 (computed, not measured)",
-                         "—", fmt(m * (m + 1) // 2), "—"])
+                         "—", fmt(m * (m + 1) // 2), "—"] + (["—", "—"] if stock else []))
     return rows
 
 
-def markdown(rows: list[list[str]]) -> str:
-    head = ["scenario", "metric", "wschat", "baseline", "wschat/baseline"]
+TABLE_HEAD = ["scenario", "metric", "wschat", "baseline", "wschat/baseline"]
+STOCK_HEAD = ["wschat on stock uvicorn", "stock/baseline"]
+JSON_KEYS = ["scenario", "metric", "wschat", "baseline", "ratio", "wschat_stock", "stock_ratio"]
+
+
+def markdown(rows: list[list[str]], stock: bool) -> str:
+    head = TABLE_HEAD + (STOCK_HEAD if stock else [])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells, right: "| " + " | ".join(  # noqa: E731
         (c.rjust(w) if right and i >= 2 else c.ljust(w)) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
@@ -526,9 +576,9 @@ def notes(results: dict) -> list[str]:
                 out.append(f"{where}: about {r['msgs_not_taken_by_server_at_stop']} of "
                            f"{r['msgs_planned']} messages were still unread by the server at the "
                            "end of publishing (it stopped reading the publisher)")
-        w, b = per_server.get("wschat", {}), per_server.get("baseline", {})
         if n == 1:
-            for server, r in (("wschat", w), ("baseline", b)):
+            for server in ("wschat", "wschat_stock", "baseline"):
+                r = per_server.get(server, {})
                 if "loadgen_cpu_us_per_delivery" in r:
                     ok = r["loadgen_cpu_us_per_delivery"] < r["server_cpu_us_per_delivery"]
                     out.append(f"scenario 1, {server}: loadgen CPU per delivery "
@@ -620,8 +670,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short smoke run with small numbers")
     ap.add_argument("--scenario", type=int, action="append", choices=sorted(TITLES),
                     help="run only this scenario (repeatable)")
-    ap.add_argument("--servers", default="wschat,baseline",
-                    help="comma-separated subset of wschat,baseline (default both)")
+    ap.add_argument("--servers", default="wschat,wschat_stock,baseline",
+                    help="comma-separated subset of wschat,wschat_stock,baseline (default all three; "
+                         "they always run in that order)")
+    ap.add_argument("--no-stock", action="store_true",
+                    help="skip wschat on stock uvicorn (same as leaving wschat_stock out of --servers)")
     ap.add_argument("--python", help="interpreter for the servers (needs fastapi, uvicorn[standard])")
     ap.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the results")
     ap.add_argument("--wait-idle", type=float, default=15, metavar="SECONDS",
@@ -647,10 +700,14 @@ def main() -> int:
     params = scenario_params(args.quick)
     scenarios = sorted(set(args.scenario or params))
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if args.no_stock:
+        wanted = [s for s in wanted if s != "wschat_stock"]
     logdir = Path(tempfile.mkdtemp(prefix="wschat-bench-"))
     servers: list[Server] = []
     if "wschat" in wanted:
         servers.append(WsChat(python, logdir))
+    if "wschat_stock" in wanted:
+        servers.append(WsChatStock(python, logdir))
     if "baseline" in wanted:
         servers.append(Baseline(python, logdir))
 
@@ -681,8 +738,9 @@ def main() -> int:
         stop_all()
 
     elapsed = time.time() - started
-    rows = build_rows(results, params)
-    table = markdown(rows)
+    stock = "wschat_stock" in wanted
+    rows = build_rows(results, params, stock)
+    table = markdown(rows, stock)
     note_lines = notes(results)
     m = machine
     print(f"# wschat benchmark{' (QUICK smoke run: small numbers, not comparable)' if args.quick else ''}")
@@ -695,6 +753,9 @@ def main() -> int:
           f"uvloop {m['uvloop']}, httptools {m['httptools']}; loadgen: {m['gcc']} -O2")
     print(f"baseline: bench/naive_server.py (FastAPI tutorial ConnectionManager; scenario 5: "
           f"bench/naive_server_joins.py = same + a 'joined the chat' broadcast)")
+    if stock:
+        print("wschat on stock uvicorn: bench/wschat_stock_app.py (create_app() under `uvicorn` with its "
+              f"default settings, ws: {m.get('uvicorn_ws_auto')}); the headline ratio is wschat/baseline")
     print(f"run took {elapsed:.0f} s{' (INTERRUPTED)' if interrupted else ''}; server/loadgen logs in {logdir}")
     versions = {json.dumps(r["wschat_version"], sort_keys=True) for per in results.values()
                 for r in per.values() if "wschat_version" in r}
@@ -720,7 +781,7 @@ def main() -> int:
            "duration_s": round(elapsed, 1), "machine": machine, "cores": {"server": SERVER_CORE,
            "loadgen": LOADGEN_CORE}, "params": params, "logs": str(logdir),
            "results": {str(k): v for k, v in results.items()},
-           "table": [dict(zip(["scenario", "metric", "wschat", "baseline", "ratio"], r)) for r in rows],
+           "table": [dict(zip(JSON_KEYS, r)) for r in rows],
            "notes": note_lines}
     Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     log(f"results written to {args.json}")
