@@ -1591,6 +1591,30 @@ def test_e2e_mounted_under_chat_in_a_host_app(serve, tmp_path):
     assert http("GET", server.url + "/chat/rooms/r/messages")[1]["last_id"] == 2
 
 
+@pytest.mark.parametrize("deflate", ["true", "false"])
+def test_e2e_host_app_with_wschat_protocol(serve, tmp_path, deflate):
+    """An embedder's uvicorn with --ws wschat:coalescing_websocket_protocol chats in order, with or
+    without permessage-deflate negotiated (the websockets client asks for it; then uvicorn frames)."""
+    (tmp_path / "hostapp.py").write_text(HOST_APP)
+    server = serve(command=[sys.executable, "-m", "uvicorn", "hostapp:app", "--ws",
+                            "wschat:coalescing_websocket_protocol", "--ws-per-message-deflate", deflate],
+                   ready_path="/chat/healthz", env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"})
+
+    async def body():
+        members = [(await join(f"{server.ws_url}/chat/rooms/r/ws?client_id=m{n}"))[0] for n in range(5)]
+        for n in range(20):
+            await members[n % 5].send(f"message {n}")
+        seen = [[(m["id"], m["text"]) for m in await member.messages(20)] for member in members]
+        assert all(sequence == seen[0] for sequence in seen)          # everyone, the same order
+        assert [message_id for message_id, _ in seen[0]] == list(range(1, 21))
+        assert sorted(text for _, text in seen[0]) == sorted(f"message {n}" for n in range(20))
+        for member in members:
+            await member.close()
+
+    run(body())
+    assert "Traceback" not in server.log
+
+
 def test_e2e_uvicorn_factory(serve):
     """`uvicorn --factory wschat:create_app` serves the chat."""
     server = serve(command=[sys.executable, "-m", "uvicorn", "--factory", "wschat:create_app"],
