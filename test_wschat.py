@@ -854,6 +854,151 @@ def test_manager_two_managers_are_independent():
     run(body())
 
 
+class GatedBroker(wschat.MemoryBroker):
+    """A memory broker whose room subscription waits until ``opened`` is set, so a join can be caught half way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscribing = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def subscribe(self, room: str) -> None:
+        self.subscribing.set()
+        await self.opened.wait()
+
+
+class LaggingBroker(wschat.MemoryBroker):
+    """Numbers and stores messages at once but delivers them only on ``release()``, like Redis pub/sub behind its history."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[str, dict, str]] = []
+
+    async def start(self, manager: ConnectionManager) -> None:
+        await super().start(manager)
+        self.manager = manager
+
+    async def publish(self, room: str, sender: str, text: str) -> dict:
+        self.manager.deliver = lambda *delivery: self.held.append(delivery)   # hold instead of delivering
+        try:
+            return await super().publish(room, sender, text)
+        finally:
+            del self.manager.deliver
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for delivery in held:
+            self.manager.deliver(*delivery)
+
+
+class BrokenHistoryBroker(wschat.MemoryBroker):
+    async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
+        raise RuntimeError("history store corrupted")
+
+
+def test_manager_broadcast_reaches_a_joining_client_after_its_welcome():
+    """broadcast(room=...) while a client is still joining reaches it once, after its welcome frame."""
+    async def body():
+        broker = GatedBroker()
+        manager = ConnectionManager(Settings(presence_interval=60), broker=broker)
+        await manager.start()
+        sock = FakeSocket()
+        joining = asyncio.create_task(manager.connect(sock, room="r", client_id="x"))
+        await asyncio.wait_for(broker.subscribing.wait(), 5)   # x is in the room, waiting for the subscription
+        await manager.broadcast("notice", room="r")
+        broker.opened.set()
+        await joining
+        await wait_for_condition(lambda: "notice" in sock.sent)
+        first = sock.frames()[0]
+        assert isinstance(first, dict) and first["type"] == "welcome", sock.sent
+        assert sock.sent.count("notice") == 1
+
+    run(body())
+
+
+def test_manager_disconnect_closes_a_live_connection_and_mutes_it():
+    """Host code's disconnect(websocket) closes it with 1000, it leaves the room at once, and what it sends after is not delivered."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60))
+        a, conn_a = await enter(manager, "r", "a")
+        b, _ = await enter(manager, "r", "b")
+        task = asyncio.create_task(reader(manager, conn_a))
+        manager.disconnect(a)
+        assert await manager.members("r") == ["b"]
+        a.inbox.put_nowait({"type": "websocket.receive", "text": "sent after the disconnect"})
+        await wait_for_condition(lambda: a.closed_with is not None)
+        assert a.closed_with[0] == 1000
+        await asyncio.wait_for(task, 5)
+        await manager.publish("r", "marker")
+        await wait_for_condition(lambda: chat_messages(b))
+        assert [m["text"] for m in chat_messages(b)] == ["marker"]
+        assert manager.active_connections == [b]
+
+    run(body())
+
+
+def test_manager_join_while_deliveries_lag_behind_history_gets_each_message_once():
+    """Joining while the broker's deliveries lag its history (Redis): the replay and the late deliveries give each id once."""
+    async def body():
+        broker = LaggingBroker()
+        manager = ConnectionManager(Settings(presence_interval=60), broker=broker)
+        a, _ = await enter(manager, "r", "a")
+        await manager.publish("r", "m1")
+        await manager.publish("r", "m2")              # stored, not yet delivered
+        b, _ = await enter(manager, "r", "b")
+        await wait_for_condition(lambda: b.sent)
+        assert b.frames()[0]["last_id"] == 2
+        broker.release()                              # m1 and m2 arrive late: a gets them, b already has them
+        await manager.publish("r", "m3")
+        broker.release()
+        await wait_for_condition(lambda: len(chat_messages(a)) >= 3 and len(chat_messages(b)) >= 3)
+        assert [m["id"] for m in chat_messages(a)] == [1, 2, 3]
+        assert [m["id"] for m in chat_messages(b)] == [1, 2, 3]
+
+    run(body())
+
+
+def test_manager_restarted_id_sequence_closes_room_clients_with_1012():
+    """A broker delivering an id not above the last one (a flushed Redis) closes the room's clients with 1012 to resume with since."""
+    def stored(message_id: int) -> tuple[dict, str]:
+        message = wschat.message_event("r", message_id, "server", f"message {message_id}")
+        return message, wschat.encode(message)
+
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60))
+        sock, _ = await enter(manager, "r", "a")
+        manager.deliver("r", *stored(5))
+        await wait_for_condition(lambda: chat_messages(sock))
+        assert sock.closed_with is None
+        manager.deliver("r", *stored(1))
+        await wait_for_condition(lambda: sock.closed_with is not None)
+        assert sock.closed_with[0] == 1012
+        assert [m["id"] for m in chat_messages(sock)] == [5]
+
+    run(body())
+
+
+def test_manager_unexpected_join_error_closes_with_1011_and_leaks_nothing(caplog):
+    """A join failing unexpectedly (history raises) closes with 1011, logs the error once, and leaves no connection or member."""
+    caplog.set_level(logging.INFO, logger="wschat")
+
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60), broker=BrokenHistoryBroker())
+        sock, conn = await enter(manager, "r", "a")
+        task = asyncio.create_task(reader(manager, conn))
+        await wait_for_condition(lambda: sock.closed_with is not None)
+        assert sock.closed_with[0] == 1011
+        await asyncio.wait_for(task, 5)
+        assert manager.active_connections == []
+        assert await manager.members("r") == []
+        assert manager.stats()["connections"] == 0
+
+    run(body())
+    errors = [r for r in caplog.records if r.name == "wschat" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].exc_info and errors[0].exc_info[0] is RuntimeError
+
+
 # ---- App: HTTP routes (TestClient) ----
 
 def test_app_page_served_at_root():
@@ -2067,6 +2212,19 @@ def test_origin_star_allows_all(serve):
     run(body(), 20)
 
 
+def test_origin_malformed_origin_is_refused_like_a_foreign_one(serve):
+    """A malformed Origin (http://[evil) gets 403 on the WebSocket handshake and on POST, never a 500 or a traceback."""
+    server = serve()
+    bad = {"Origin": "http://[evil"}
+
+    async def body():
+        assert await handshake_status(server.ws_url + "/rooms/o/ws", additional_headers=bad) == 403
+
+    run(body(), 20)
+    assert http("POST", server.url + "/rooms/o/messages", {"text": "x"}, bad)[0] == 403
+    assert_no_traceback(server)
+
+
 # ---------------------------------------------------------------------------
 # Limits: names, timeout, size, binary, bad input
 # ---------------------------------------------------------------------------
@@ -2384,6 +2542,34 @@ def test_limits_shutdown_sends_every_client_a_close_frame(serve):
     closes = run(body(), 20)
     assert all(code in (1001, 1012) for code, _ in closes), closes
     assert server.process.wait(10) in (0, -signal.SIGTERM)   # uvicorn re-raises the signal it handled
+    assert_no_traceback(server)
+
+
+def test_limits_dropped_client_that_never_reads_is_given_up_within_the_close_timeout(serve):
+    """A dropped slow client that never reads its close frame stops counting as a connection within 5 s (+ margin), without closing its side."""
+    server = serve("--send-queue", "8", "--rate", "0")
+    room = server.ws_url + "/rooms/stall/ws?client_id="
+    payload = "z" * 32_000
+
+    async def body():
+        lazy = Client(await ws_connect(room + "lazy", sock=small_window_socket(server.port), max_queue=1,
+                                       open_timeout=5, close_timeout=2))
+        alice = Collector((await join(room + "alice"))[0])
+        dropped = False
+        for i in range(600):
+            await alice.ws.send(f"{i:04d} {payload}")
+            await wait_for_condition(lambda: len(alice.texts()) == i + 1, timeout=10, interval=0.002)
+            if i % 10 == 0 and (await get_stats(server))["slow_clients_dropped"]:
+                dropped = True
+                break
+        assert dropped, "the client that never reads was never dropped"
+        await wait_for_condition(lambda: connections_are(server, 1), timeout=15)   # CLOSE_TIMEOUT is 5 s
+        assert lazy.socket.state is websockets.protocol.State.OPEN   # the client never saw a close
+        await alice.stop()
+        await alice.ws.close()
+        lazy.socket.transport.abort()
+
+    run(body(), 90)
     assert_no_traceback(server)
 
 
@@ -2967,6 +3153,56 @@ def test_redis_lost_while_running_reports_503_and_recovers(serve, redis_server):
     run(body(), 60)
     assert node.process.poll() is None
     assert "Traceback" not in node.log
+
+
+def test_redis_flushall_closes_room_clients_with_1012_and_starts_a_new_epoch(serve, redis_server):
+    """FLUSHALL under connected clients: the restarted id sequence closes them with 1012; since/epoch then says not recovered."""
+    import redis
+
+    node = redis_node(serve, redis_server)
+
+    async def body() -> None:
+        alice, welcome = await join(room_url(node, "r", "alice"))
+        for n in range(3):
+            assert (await ahttp("POST", node.url + "/rooms/r/messages", {"text": f"before {n}"}))[0] == 201
+        assert ids_of(await alice.messages(3)) == [1, 2, 3]
+        await asyncio.to_thread(lambda: redis.Redis.from_url(redis_server.url).flushall())
+        status, posted = await ahttp("POST", node.url + "/rooms/r/messages", {"text": "after the flush"})
+        assert status == 201 and posted["id"] == 1
+        with pytest.raises(websockets.ConnectionClosed):
+            frame = await alice.recv_until(lambda f: f["type"] == "message", timeout=10)
+            pytest.fail(f"a client got a restarted id instead of a close: {frame}")
+        assert alice.socket.close_code == 1012
+        alice, again = await join(room_url(node, "r", "alice", since=3, epoch=welcome["epoch"]))
+        assert again["epoch"] != welcome["epoch"] and again["recovered"] is False
+        await alice.close()
+
+    run(body(), 30)
+    assert "Traceback" not in node.log
+
+
+HOST_APP_ON_REDIS = '''
+import os
+from fastapi import FastAPI
+from wschat import create_app
+
+app = FastAPI()
+app.mount("/chat", create_app(broker=os.environ["CHAT_BROKER"]))
+
+
+@app.get("/up")
+async def up():
+    return {"up": True}
+'''
+
+
+def test_redis_mounted_app_first_healthz_is_ok(serve, redis_server, tmp_path):
+    """A host app mounting create_app(broker=redis) at /chat: the very first GET /chat/healthz answers 200."""
+    (tmp_path / "hostapp.py").write_text(HOST_APP_ON_REDIS)
+    server = serve(command=[sys.executable, "-m", "uvicorn", "hostapp:app"], ready_path="/up",
+                   env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}", "CHAT_BROKER": redis_server.url})
+    assert "/chat" not in server.log            # nothing has touched wschat yet
+    assert http("GET", server.url + "/chat/healthz") == (200, {"status": "ok"})
 
 
 def test_redis_unreachable_at_start_exits_with_one_masked_line():

@@ -183,7 +183,7 @@ def mask_url(url: str) -> str:
 # ---------------------------------------------------------------------------
 
 LOBBY = "lobby"
-MEMBERS_IN_WELCOME = 100   # welcome and presence frames list at most this many ids
+MAX_LISTED_MEMBERS = 100   # welcome and presence frames list at most this many ids
 PRESENCE_FRAMES_PER_SECOND = 2000   # per room: a room of N members hears presence every N/2000 s at most
 ROOM_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 _ROOM_NAME = re.compile(ROOM_PATTERN)
@@ -282,9 +282,9 @@ def message_event(room: str, message_id: int | None, sender: str, text: str, *, 
 
 
 def presence_frame(room: str, joined: list[str], left: list[str], count: int) -> str:
-    event: dict[str, Any] = {"type": "presence", "room": room, "joined": joined[:MEMBERS_IN_WELCOME],
-                             "left": left[:MEMBERS_IN_WELCOME], "count": count}
-    if len(joined) > MEMBERS_IN_WELCOME or len(left) > MEMBERS_IN_WELCOME:
+    event: dict[str, Any] = {"type": "presence", "room": room, "joined": joined[:MAX_LISTED_MEMBERS],
+                             "left": left[:MAX_LISTED_MEMBERS], "count": count}
+    if len(joined) > MAX_LISTED_MEMBERS or len(left) > MAX_LISTED_MEMBERS:
         event["truncated"] = True   # the page then reloads GET /rooms/{room}/members
     return encode(event)
 
@@ -324,6 +324,8 @@ class ChatSocket(Protocol):
 
 RAW_SEND = "wschat.send"              # scope key: the ASGI server's own send, recorded by _Endpoint
 SEND_NOWAIT = "wschat.send_nowait"    # scope extension: write a message now if the socket can take it
+ABORT = "wschat.abort"                # scope extension: drop the TCP connection (a close that never goes out)
+CLOSE_TIMEOUT = 5.0                   # seconds a close may take before the connection is given up
 _WIRE = "wschat.wire"                 # message key: the frame bytes a server keeps for a shared message
 
 
@@ -358,9 +360,9 @@ class Connection:
     holding ``send_queue`` frames marks a client too slow: see ``ConnectionManager``.
     """
 
-    __slots__ = ("socket", "client_id", "room", "view", "credential", "closed", "last_seen",
-                 "_manager", "_loop", "_send", "_send_nowait", "_outbox", "_backlog", "_limit", "_writer",
-                 "_wakeup", "_close_request", "_abandoned", "_tokens", "_stamp", "_idle_timer", "_in_room")
+    __slots__ = ("socket", "client_id", "room", "view", "credential", "closed", "last_seen", "idle_timer", "in_room",
+                 "_manager", "_loop", "_send", "_send_nowait", "_abort", "_outbox", "_backlog", "_limit",
+                 "_writer", "_wakeup", "_close_request", "_close_timer", "_abandoned", "_tokens", "_stamp")
 
     def __init__(self, manager: ConnectionManager, socket: ChatSocket, *, client_id: str,
                  room: str | None, view: str, credential: str | None = None) -> None:
@@ -373,7 +375,9 @@ class Connection:
         self._manager = manager
         self._loop = manager.loop
         self._send = _message_sender(socket)
-        self._send_nowait = getattr(socket, "scope", {}).get("extensions", {}).get(SEND_NOWAIT)
+        extensions = getattr(socket, "scope", {}).get("extensions") or {}
+        self._send_nowait = extensions.get(SEND_NOWAIT)
+        self._abort = extensions.get(ABORT)
         self.last_seen = self._loop.time()
         self._outbox: list[dict] = []
         self._backlog = 0                    # frames queued and not yet handed to the socket
@@ -381,11 +385,12 @@ class Connection:
         self._writer: asyncio.Task | None = None
         self._wakeup: asyncio.Future | None = None   # set while the writer sleeps
         self._close_request: tuple[int, str] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
         self._abandoned = False              # drop what is queued: the client is gone or too slow
         self._tokens = manager.settings.rate_burst
         self._stamp = self.last_seen
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._in_room = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.in_room = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id!r} room={self.room!r} view={self.view}>"
@@ -419,16 +424,33 @@ class Connection:
             self.closed = True
             self._close_request = (code, reason)
             self._wake_writer()
+            # A client that stopped reading never lets the close frame out: give up on it.
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._manager._close_timed_out, self)
 
     def finish(self) -> None:
         """The socket is gone: accept nothing more, and let a sleeping writer end."""
         self.closed = True
         self._wake_writer(start=False)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+
+    def abort(self) -> None:
+        """Drop the connection without a closing handshake, where the server allows it."""
+        if self._abort is not None:
+            self._abort()
+        if self._writer is not None:
+            self._writer.cancel()
 
     @property
     def pending(self) -> int:
         """Frames queued and not yet handed to the socket."""
         return self._backlog
+
+    @property
+    def writer(self) -> asyncio.Task | None:
+        """The task sending this connection's queue, while there is one."""
+        return self._writer
 
     @property
     def closing(self) -> bool:
@@ -458,7 +480,8 @@ class Connection:
                         if self._abandoned:
                             break
                         await send(message)
-                        self._backlog -= 1
+                        if not self._abandoned:   # else the queue was emptied meanwhile
+                            self._backlog -= 1
                 if self._close_request is not None:
                     await self.socket.close(*self._close_request)
                     return
@@ -473,7 +496,7 @@ class Connection:
         finally:
             self._writer = self._wakeup = None
 
-    def _take_token(self, now: float, rate: float, burst: float) -> bool:
+    def take_token(self, now: float, rate: float, burst: float) -> bool:
         """Token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
         tokens = min(burst, self._tokens + (now - self._stamp) * rate)
         self._stamp = now
@@ -487,14 +510,17 @@ class Connection:
 class Room:
     """This process's view of one room: its connections by view and by client id."""
 
-    __slots__ = ("name", "json", "text", "syncing", "clients", "joined", "changes", "flush_timer", "subscribed")
+    __slots__ = ("name", "json_view", "text_view", "syncing", "catching_up", "clients", "joined", "last_id", "changes",
+                 "flush_timer", "subscribed")
 
     def __init__(self, name: str, subscribed: asyncio.Future) -> None:
         self.name = name
         self.subscribed = subscribed                 # the broker's subscription, shared by entrants
-        self.json: dict[Connection, None] = {}       # room-protocol connections, live
-        self.text: dict[Connection, None] = {}       # lobby text view
-        self.syncing: dict[Connection, list[tuple[int | None, str]]] = {}  # awaiting history
+        self.json_view: dict[Connection, None] = {}   # room-protocol connections, live
+        self.text_view: dict[Connection, None] = {}   # the lobby's text view
+        self.syncing: dict[Connection, list[tuple[int | None, dict]]] = {}   # awaiting history: what came
+        self.catching_up: dict[Connection, int] = {}  # replayed up to an id the broker has not delivered yet
+        self.last_id = 0                             # the last message id delivered here
         self.clients: dict[str, list[Connection]] = {}
         self.joined: set[str] = set()                # client ids announced to the broker
         self.changes: dict[str, bool] = {}           # presence not yet announced: id -> joined
@@ -548,7 +574,7 @@ class ConnectionManager:
             return
         for conn in list(self._connections.values()):
             conn.close(WS_1001_GOING_AWAY, "server shutting down")
-        writers = [conn._writer for conn in self._connections.values() if conn._writer is not None]
+        writers = [conn.writer for conn in self._connections.values() if conn.writer is not None]
         if writers:   # the close frames go out; a client that never reads is not waited for
             await asyncio.wait(writers, timeout=grace)
         await self.broker.stop()
@@ -597,18 +623,29 @@ class ConnectionManager:
                 await self._enter(conn, since, epoch)
             except BrokerUnavailable as exc:
                 conn.close(WS_1013_TRY_AGAIN_LATER, f"broker unavailable: {exc}"[:120])
+            except Exception:
+                logger.exception("could not join %r to room %r", conn.client_id, room)
+                conn.close(WS_1011_INTERNAL_ERROR, "internal error")
+            except BaseException:
+                self.release(conn)
+                raise
         return conn
 
     def disconnect(self, target: Connection | ChatSocket) -> None:
-        """Forget a connection: leave its room, stop its timer. Safe to call twice."""
+        """Close a connection (1000) and forget it: it leaves its room at once. Safe to call twice."""
         conn = target if isinstance(target, Connection) else self._connections.get(target)
         if conn is None:
             return
+        conn.close(WS_1000_NORMAL_CLOSURE, "disconnected by the server")
+        self.release(conn)
+
+    def release(self, conn: Connection) -> None:
+        """Forget a connection whose socket has ended: leave its room, stop its timer."""
         self._connections.pop(conn.socket, None)
         conn.finish()
-        if conn._idle_timer is not None:
-            conn._idle_timer.cancel()
-            conn._idle_timer = None
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
         self._leave(conn)
 
     async def frames(self, conn: Connection) -> AsyncIterator[str]:
@@ -636,7 +673,7 @@ class ConnectionManager:
                 conn.close(WS_1003_UNSUPPORTED_DATA, "binary frames are not supported", discard=True)
             elif len(text) > limit // 4 and utf8_length(text) > limit:
                 conn.close(WS_1009_MESSAGE_TOO_BIG, f"message larger than {limit} bytes", discard=True)
-            elif rate and not conn._take_token(now, rate, burst):
+            elif rate and not conn.take_token(now, rate, burst):
                 conn.send_error(f"rate limit exceeded: at most {rate:g} messages per second; not delivered")
             else:
                 yield text
@@ -644,15 +681,21 @@ class ConnectionManager:
     def _watch_idle(self, conn: Connection, delay: float | None = None) -> None:
         # One timer per connection, re-armed lazily: receiving a frame costs nothing.
         if self.settings.timeout:
-            conn._idle_timer = self.loop.call_later(delay or self.settings.timeout, self._check_idle, conn)
+            conn.idle_timer = self.loop.call_later(delay or self.settings.timeout, self._check_idle, conn)
 
     def _check_idle(self, conn: Connection) -> None:
         idle = self.loop.time() - conn.last_seen
         if idle >= self.settings.timeout:
-            conn._idle_timer = None
+            conn.idle_timer = None
             conn.close(WS_1000_NORMAL_CLOSURE, "Session timeout")
         else:
             self._watch_idle(conn, self.settings.timeout - idle)
+
+    def _close_timed_out(self, conn: Connection) -> None:
+        if conn.socket in self._connections:
+            logger.info("closing %r timed out; dropping the connection", conn.client_id)
+            conn.abort()
+            self.release(conn)
 
     def _overflowed(self, conn: Connection) -> None:
         self.slow_clients_dropped += 1
@@ -670,15 +713,15 @@ class ConnectionManager:
         if room is None:
             # Subscribe before reading history, so no message falls between the two.
             room = self._rooms[name] = Room(name, asyncio.ensure_future(self.broker.subscribe(name)))
-        conn._in_room = True
+        conn.in_room = True
         room.clients.setdefault(conn.client_id, []).append(conn)
         if conn.view == TEXT_VIEW:
-            room.text[conn] = None
+            room.text_view[conn] = None
         else:
             room.syncing[conn] = []
         try:
             await asyncio.shield(room.subscribed)
-            if conn.client_id not in room.joined and conn._in_room:
+            if conn.client_id not in room.joined and conn.in_room:
                 room.joined.add(conn.client_id)
                 self.broker.join(name, conn.client_id)
             if conn.view == JSON_VIEW:
@@ -690,7 +733,7 @@ class ConnectionManager:
     async def _welcome(self, room: Room, conn: Connection, since: int | None, epoch: str | None) -> None:
         """Welcome, then the replay, then whatever arrived meanwhile: in id order, once each."""
         current_epoch, last_id, retained = await self.broker.history(room.name)
-        members, count = await self.broker.roster(room.name, MEMBERS_IN_WELCOME)
+        members, count = await self.broker.roster(room.name, MAX_LISTED_MEMBERS)
         pending = room.syncing.pop(conn, None)
         if pending is None or conn.closed:
             return
@@ -702,19 +745,25 @@ class ConnectionManager:
         conn.push(encode(welcome))
         for _, frame in replay:
             conn.push(frame)
-        for message_id, frame in pending:
+        for message_id, message in pending:
             if message_id is None or message_id > last_id:
-                conn.push(frame)
-        room.json[conn] = None
+                conn.push_message(message)
+        if last_id > room.last_id:
+            # The history is ahead of the broker's deliveries here (Redis pub/sub lags a
+            # little): skip what the replay already gave, then join the live fan-out.
+            room.catching_up[conn] = last_id
+        else:
+            room.json_view[conn] = None
 
     def _leave(self, conn: Connection) -> None:
-        if not conn._in_room:
+        if not conn.in_room:
             return
-        conn._in_room = False
+        conn.in_room = False
         room = self._rooms[conn.room]  # type: ignore[index]
-        room.json.pop(conn, None)
-        room.text.pop(conn, None)
+        room.json_view.pop(conn, None)
+        room.text_view.pop(conn, None)
         room.syncing.pop(conn, None)
+        room.catching_up.pop(conn, None)
         clients = room.clients[conn.client_id]
         clients.remove(conn)
         if not clients:
@@ -726,21 +775,23 @@ class ConnectionManager:
             if room.flush_timer is not None:
                 room.flush_timer.cancel()
             del self._rooms[room.name]
-            room.subscribed.add_done_callback(lambda subscribed: self._unsubscribe(room.name, subscribed))
-
-    def _unsubscribe(self, name: str, subscribed: asyncio.Future) -> None:
-        if not subscribed.cancelled() and subscribed.exception() is None and name not in self._rooms:
-            self.broker.unsubscribe(name)
+            # Once the subscription settles, even if it failed half way; the broker keeps it
+            # when somebody has come back to the room meanwhile.
+            room.subscribed.add_done_callback(lambda _: self.broker.unsubscribe(room.name))
 
     def local_members(self) -> dict[str, list[str]]:
-        """Client ids connected to this process, per room (the Redis broker's heartbeat)."""
-        return {name: list(room.clients) for name, room in self._rooms.items()}
+        """Client ids this process has announced, per room (the Redis broker's heartbeat)."""
+        return {name: list(room.joined) for name, room in self._rooms.items() if room.joined}
+
+    def has_room(self, name: str) -> bool:
+        """Whether this process has anyone in ``name``."""
+        return name in self._rooms
 
     def resync(self, room_name: str) -> None:
         """The broker may have missed messages: ask room-protocol clients to reconnect with ``since``."""
         room = self._rooms.get(room_name)
         if room is not None:
-            for conn in [*room.json, *room.syncing]:
+            for conn in [*room.json_view, *room.syncing, *room.catching_up]:
                 conn.close(status.WS_1012_SERVICE_RESTART, "broker reconnected; reconnect with since to resume")
 
     # -- delivery (called by the broker) -------------------------------------
@@ -750,23 +801,39 @@ class ConnectionManager:
         room = self._rooms.get(room_name)
         if room is None:
             return
-        shared = text_message(frame)
-        for conn in room.json:
-            conn.push_message(shared)
-        delivered = len(room.json)
-        if room.text:
+        message_id = message["id"]
+        if message_id <= room.last_id:
+            # Ids only grow within a sequence: this one started again (a flushed Redis).
+            self.resync(room_name)
+        room.last_id = message_id
+        delivered = self._fan_out(room, text_message(frame), message_id)
+        if room.text_view:
             delivered += self._deliver_text(room, message)
-        for pending in room.syncing.values():
-            pending.append((message["id"], frame))
         self.messages_out += delivered
+
+    def _fan_out(self, room: Room, shared: dict, message_id: int | None = None) -> int:
+        """Hand one shared message to the room's protocol connections, each in its state."""
+        for conn in room.json_view:
+            conn.push_message(shared)
+        delivered = len(room.json_view)
+        for conn, replayed in list(room.catching_up.items()):
+            if message_id is None or message_id > replayed:
+                if message_id is not None:   # caught up: from now on an ordinary member
+                    del room.catching_up[conn]
+                    room.json_view[conn] = None
+                conn.push_message(shared)
+                delivered += 1
+        for pending in room.syncing.values():
+            pending.append((message_id, shared))
+        return delivered
 
     def _deliver_text(self, room: Room, message: dict) -> int:
         sender, text = message["from"], message["text"]
         own = text_message(f"You wrote: {text}")
         others = text_message(f"Client #{sender} says: {text}")
-        for conn in room.text:
+        for conn in room.text_view:
             conn.push_message(own if conn.client_id == sender else others)
-        return len(room.text)
+        return len(room.text_view)
 
     def deliver_direct(self, room_name: str | None, message: dict) -> None:
         """A direct message: to the recipient's and the sender's connections only."""
@@ -783,7 +850,7 @@ class ConnectionManager:
                         conn.push(f"You wrote: {text}" if client_id == sender
                                   else f"Client #{sender} says to you: {text}")
                     elif conn in room.syncing:
-                        room.syncing[conn].append((None, frame))
+                        room.syncing[conn].append((None, text_message(frame)))
                     else:
                         conn.push(frame)
                     self.messages_out += 1
@@ -793,9 +860,9 @@ class ConnectionManager:
         room = self._rooms.get(room_name)
         if room is None:
             return
-        if room.text:
+        if room.text_view:
             line = text_message(f"Client #{client_id} {'joined' if joined else 'left'} the chat")
-            for conn in room.text:
+            for conn in room.text_view:
                 if conn.client_id != client_id:
                     conn.push_message(line)
         if room.changes.get(client_id) is (not joined):
@@ -805,7 +872,7 @@ class ConnectionManager:
         if room.flush_timer is None:
             # Big rooms hear about presence less often, so a connect storm into a room
             # of thousands costs each member a few frames, not one every interval.
-            delay = max(self.settings.presence_interval, len(room.json) / PRESENCE_FRAMES_PER_SECOND)
+            delay = max(self.settings.presence_interval, len(room.json_view) / PRESENCE_FRAMES_PER_SECOND)
             room.flush_timer = self.loop.call_later(delay, self._flush_presence, room)
 
     def _flush_presence(self, room: Room) -> None:
@@ -817,12 +884,7 @@ class ConnectionManager:
         left = [client_id for client_id, came in changes.items() if not came]
         if not (joined or left):
             return
-        frame = presence_frame(room.name, joined, left, self.broker.count(room.name))
-        shared = text_message(frame)
-        for conn in room.json:
-            conn.push_message(shared)
-        for pending in room.syncing.values():
-            pending.append((None, frame))
+        self._fan_out(room, text_message(presence_frame(room.name, joined, left, self.broker.count(room.name))))
 
     # -- the room protocol ---------------------------------------------------
 
@@ -903,16 +965,20 @@ class ConnectionManager:
         Like the tutorial's broadcast, without its flaw: nothing here waits for a socket.
         For chat messages with ids and history use ``publish``. Returns the number of
         connections reached."""
+        shared = text_message(message)
         if room is None:
             targets = list(self._connections.values())
+            reached = len(targets)
         else:
             found = self._rooms.get(room)
-            targets = [c for conns in found.clients.values() for c in conns] if found else []
-        shared = text_message(message)
+            if found is None:
+                return 0
+            targets = list(found.text_view)
+            reached = len(targets) + self._fan_out(found, shared)   # after the welcome of anyone joining
         for conn in targets:
             conn.push_message(shared)
-        self.messages_out += len(targets)
-        return len(targets)
+        self.messages_out += reached
+        return reached
 
     async def members(self, room: str) -> list[str]:
         """Every client id connected to ``room`` (on any process, with a shared broker)."""
@@ -1102,6 +1168,8 @@ class RedisBroker:
     """
 
     PREFIX = "wschat:"
+    ROOM_PREFIX = "wschat:room:"        # room:R keys, and the room's channel
+    ROOMS = "wschat:rooms"
     NODES_CHANNEL = "wschat:nodes"
     PUBLISH_SCRIPT = """
         redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
@@ -1194,8 +1262,8 @@ class RedisBroker:
         pipe = self._client.pipeline(transaction=False)
         for room, client_ids in self._manager.local_members().items():  # type: ignore[union-attr]
             for client_id in client_ids:
-                pipe.zrem(self._key(room, "members"), f"{self._node} {client_id}")
-                pipe.publish(self._channel(room), f"p-{self._node} {client_id}")
+                pipe.zrem(self._key(room, "members"), self._member(client_id))
+                pipe.publish(self._channel(room), f"p-{self._member(client_id)}")
         await pipe.execute()
 
     def health(self) -> tuple[bool, str]:
@@ -1223,10 +1291,24 @@ class RedisBroker:
     # -- names ---------------------------------------------------------------
 
     def _key(self, room: str, *part: str) -> str:
-        return ":".join((f"{self.PREFIX}room", room, *part))
+        return ":".join((self.ROOM_PREFIX + room, *part))
 
     def _channel(self, room: str) -> str:
-        return f"{self.PREFIX}room:{room}"
+        return self.ROOM_PREFIX + room
+
+    def _member(self, client_id: str) -> str:
+        """A member entry in Redis: which process holds the client id."""
+        return f"{self._node} {client_id}"
+
+    @staticmethod
+    def _split_member(entry: str) -> tuple[str, str]:
+        node, _, client_id = entry.partition(" ")
+        return node, client_id
+
+    def _renew(self, pipe: Any, room: str, client_ids: Iterable[str], expiry: float) -> None:
+        pipe.zadd(self._key(room, "members"), {self._member(client_id): expiry for client_id in client_ids})
+        pipe.expire(self._key(room, "members"), int(self.presence_ttl * 2) + 1)
+        pipe.zadd(self.ROOMS, {room: expiry})
 
     # -- messages ------------------------------------------------------------
 
@@ -1279,8 +1361,8 @@ class RedisBroker:
 
     async def _unsubscribe(self, room: str) -> None:
         async with self._subscription_lock:  # type: ignore[union-attr]
-            if room not in self._subscribed or room in self._manager.local_members():  # type: ignore[union-attr]
-                return
+            if room not in self._subscribed or self._manager.has_room(room):  # type: ignore[union-attr]
+                return   # never subscribed, or somebody came back meanwhile
             self._subscribed.discard(room)
             self._view.pop(room, None)
             if self._pubsub is not None:
@@ -1308,7 +1390,10 @@ class RedisBroker:
                     if message["channel"] == self.NODES_CHANNEL and message["type"] == "subscribe":
                         self._connected()
                         backoff = 0.1
-                    self._dispatch(message)
+                    try:
+                        self._dispatch(message)
+                    except Exception:   # one bad message must not cost every room a resync
+                        logger.exception("could not handle a message on %s", message.get("channel"))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -1345,14 +1430,14 @@ class RedisBroker:
         if kind != "message":
             return
         data = message["data"]
-        room = channel[len(self.PREFIX) + 5:] if channel != self.NODES_CHANNEL else None
+        room = channel[len(self.ROOM_PREFIX):] if channel.startswith(self.ROOM_PREFIX) else None
         tag, body = data[:1], data[1:]
         if tag == "m" and room is not None:
             self._manager.deliver(room, json.loads(body), body)  # type: ignore[union-attr]
         elif tag == "d":
             self._manager.deliver_direct(room, json.loads(body))  # type: ignore[union-attr]
         elif tag == "p" and room is not None:
-            node, _, client_id = body[1:].partition(" ")
+            node, client_id = self._split_member(body[1:])
             if node != self._node:
                 self._apply_presence(room, node, client_id, body[:1] == "+")
 
@@ -1391,37 +1476,46 @@ class RedisBroker:
             batch = [await self._commands.get()]
             while not self._commands.empty() and len(batch) < 500:
                 batch.append(self._commands.get_nowait())
-            pipe = self._client.pipeline(transaction=False)
-            expiry = time.time() + self.presence_ttl
-            for action, room, client_id in batch:
-                member = f"{self._node} {client_id}"
-                if action == "join":
-                    pipe.zadd(self._key(room, "members"), {member: expiry})
-                    pipe.expire(self._key(room, "members"), int(self.presence_ttl * 2) + 1)
-                    pipe.zadd(f"{self.PREFIX}rooms", {room: expiry})
-                    pipe.publish(self._channel(room), f"p+{member}")
-                else:
-                    pipe.zrem(self._key(room, "members"), member)
-                    pipe.publish(self._channel(room), f"p-{member}")
-            with contextlib.suppress(BrokerUnavailable):   # the heartbeat rewrites presence later
-                await self._call(pipe.execute())
+            try:
+                await self._write_presence(batch)
+            except BrokerUnavailable:
+                pass   # the heartbeat after the reconnect rewrites presence
+            except Exception:
+                logger.exception("could not write presence to redis")
+
+    async def _write_presence(self, batch: list[tuple[str, str, str]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        expiry = time.time() + self.presence_ttl
+        for action, room, client_id in batch:
+            if action == "join":
+                self._renew(pipe, room, [client_id], expiry)
+                pipe.publish(self._channel(room), f"p+{self._member(client_id)}")
+            else:
+                pipe.zrem(self._key(room, "members"), self._member(client_id))
+                pipe.publish(self._channel(room), f"p-{self._member(client_id)}")
+        await self._call(pipe.execute())
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.presence_ttl / 3)
-            with contextlib.suppress(BrokerUnavailable):
-                await self._refresh_presence()
+            await self._refresh_presence()
 
     async def _refresh_presence(self) -> None:
-        """Renew this process's members, expire the dead, and reconcile room views with Redis."""
+        """Renew this process's members, expire the dead, reconcile room views; never raises."""
+        try:
+            await self._renew_and_reconcile()
+        except BrokerUnavailable:
+            pass   # /healthz says so; the next heartbeat tries again
+        except Exception:
+            logger.exception("could not refresh presence in redis")
+
+    async def _renew_and_reconcile(self) -> None:
         now = time.time()
         expiry = now + self.presence_ttl
         renew = self._client.pipeline(transaction=False)
         for room, client_ids in self._manager.local_members().items():  # type: ignore[union-attr]
-            renew.zadd(self._key(room, "members"), {f"{self._node} {c}": expiry for c in client_ids})
-            renew.expire(self._key(room, "members"), int(self.presence_ttl * 2) + 1)
-            renew.zadd(f"{self.PREFIX}rooms", {room: expiry})
-        renew.zremrangebyscore(f"{self.PREFIX}rooms", "-inf", now)
+            self._renew(renew, room, client_ids, expiry)
+        renew.zremrangebyscore(self.ROOMS, "-inf", now)
         await self._call(renew.execute())
         rooms = list(self._subscribed)
         read = self._client.pipeline(transaction=False)
@@ -1439,7 +1533,7 @@ class RedisBroker:
             return
         alive: dict[str, set[str]] = {}
         for entry in entries:
-            node, _, client_id = entry.partition(" ")
+            node, client_id = self._split_member(entry)
             if node != self._node:
                 alive.setdefault(client_id, set()).add(node)
         for client_id, nodes in list(members.items()):
@@ -1455,36 +1549,42 @@ class RedisBroker:
         if members is None:
             return
         for entry in entries:   # merged quietly: newcomers learn them from the welcome
-            node, _, client_id = entry.partition(" ")
+            node, client_id = self._split_member(entry)
             if node != self._node:
                 members.setdefault(client_id, set()).add(node)
 
-    async def _alive_members(self, room: str) -> list[str]:
-        if room in self._subscribed:
-            return list(self._view.get(room, ()))
+    async def _stored_members(self, room: str) -> list[str]:
+        """A room this process is not in: its members as Redis has them."""
         entries = await self._call(self._client.zrangebyscore(self._key(room, "members"), time.time(), "+inf"))
-        return list(dict.fromkeys(entry.partition(" ")[2] for entry in entries))
+        return list(dict.fromkeys(self._split_member(entry)[1] for entry in entries))
 
     def count(self, room: str) -> int:
         return len(self._view.get(room, ()))
 
     async def roster(self, room: str, limit: int) -> tuple[list[str], int]:
-        members = await self._alive_members(room)
+        if room in self._subscribed:
+            view = self._view.get(room, {})
+            return list(itertools.islice(view, limit)), len(view)
+        members = await self._stored_members(room)
         return members[:limit], len(members)
 
     async def members(self, room: str) -> list[str]:
-        return await self._alive_members(room)
+        if room in self._subscribed:
+            return list(self._view.get(room, ()))
+        return await self._stored_members(room)
 
     async def is_member(self, room: str, client_id: str) -> bool:
-        return client_id in await self._alive_members(room)
+        if room in self._subscribed:
+            return client_id in self._view.get(room, ())
+        return client_id in await self._stored_members(room)
 
     async def rooms(self) -> dict[str, int]:
         now = time.time()
-        names = await self._call(self._client.zrangebyscore(f"{self.PREFIX}rooms", now, "+inf"))
+        names = await self._call(self._client.zrangebyscore(self.ROOMS, now, "+inf"))
         pipe = self._client.pipeline(transaction=False)
         for name in names:
             pipe.zrangebyscore(self._key(name, "members"), now, "+inf")
-        counts = {name: len({entry.partition(" ")[2] for entry in entries})
+        counts = {name: len({self._split_member(entry)[1] for entry in entries})
                   for name, entries in zip(names, await self._call(pipe.execute()), strict=True)}
         return {name: count for name, count in counts.items() if count}
 
@@ -1505,7 +1605,7 @@ def _split_presence_ttl(url: str) -> tuple[str, float | None]:
 
 def _describe_error(exc: BaseException) -> str:
     text = str(exc) or exc.__class__.__name__
-    return _RedactSecrets()._redact(text.splitlines()[0])[:200]
+    return redact(text.splitlines()[0])[:200]
 
 
 # ---------------------------------------------------------------------------
@@ -1551,13 +1651,22 @@ class Gatekeeper:
         if origin is None or "*" in self._origins:
             return True
         origin = origin.rstrip("/").lower()
-        return origin in self._origins or urlsplit(origin).netloc == connection.headers.get("host", "").lower()
+        if origin in self._origins:
+            return True
+        try:
+            return urlsplit(origin).netloc == connection.headers.get("host", "").lower()
+        except ValueError:   # not even a URL: certainly not our own origin
+            return False
 
     async def admit(self, connection: HTTPConnection, *, credential_required: bool = False) -> Admission | None:
-        """An Admission, or None when the client must be refused."""
+        """A WebSocket handshake: the Origin check, then ``identify``. None: refuse it."""
         if not self.origin_allowed(connection):
-            logger.info("refused %s from origin %s", connection.url.path, connection.headers.get("origin"))
+            logger.info("refused %s from origin %r", connection.url.path, connection.headers.get("origin"))
             return None
+        return await self.identify(connection, credential_required=credential_required)
+
+    async def identify(self, connection: HTTPConnection, *, credential_required: bool = False) -> Admission | None:
+        """Who the client is, by tokens or the authenticate hook. None: refuse it."""
         credentials = _credentials(connection)
         if self._authenticate is not None:
             for credential in credentials:
@@ -1606,14 +1715,27 @@ def _credentials(connection: HTTPConnection) -> list[str]:
     return [credential for credential in found if credential]
 
 
-class _RedactSecrets(logging.Filter):
-    """Masks secrets in log records: ``token=`` and ``session=`` values (uvicorn logs
-    query strings), bearer values, URL passwords, and the configured tokens themselves
-    wherever they appear (uvicorn's debug log prints whole frames)."""
+_SECRET_PARAMETER = re.compile(r"(?i)\b(token|session|password|access_token)=[^&\s\"']*")
+_BEARER_VALUE = re.compile(r"(?i)\b(bearer)\s+[^\s\"']+")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]+@")
 
-    _SECRET = re.compile(r"(?i)\b(token|session|password|access_token)=[^&\s\"']*")
-    _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"']+")
-    _URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]+@")
+
+def redact(text: str, literals: Iterable[str] = ()) -> str:
+    """``text`` with token and session values, bearer values, URL passwords and ``literals`` masked."""
+    text = _SECRET_PARAMETER.sub(r"\1=***", text)
+    text = _BEARER_VALUE.sub(r"\1 ***", text)
+    text = _URL_PASSWORD.sub(r"\1:***@", text)
+    for literal in literals:
+        text = text.replace(literal, "***")
+    return text
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks secrets in log records (see ``redact``), and the configured tokens themselves
+    wherever they appear: uvicorn logs query strings, and its debug log whole frames.
+
+    One filter per logger, shared by every app in the process: the loggers are global."""
+
     MIN_LITERAL = 6   # shorter tokens would mask ordinary words
 
     def __init__(self, name: str = "") -> None:
@@ -1624,11 +1746,7 @@ class _RedactSecrets(logging.Filter):
         if value is None or isinstance(value, (int, float)):
             return value
         text = value if isinstance(value, str) else str(value)
-        redacted = self._SECRET.sub(r"\1=***", text)
-        redacted = self._BEARER.sub(r"\1 ***", redacted)
-        redacted = self._URL_PASSWORD.sub(r"\1:***@", redacted)
-        for literal in self.literals:
-            redacted = redacted.replace(literal, "***")
+        redacted = redact(text, self.literals)
         return value if redacted == text else redacted
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -1691,7 +1809,7 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
         """Tokens guard everything but the page and /healthz; a cross-site POST is refused."""
         if request.method != "GET" and not gate.origin_allowed(request):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "origin not allowed")
-        admission = await gate.admit(request)
+        admission = await gate.identify(request)
         if admission is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid token",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -1703,6 +1821,7 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
+        await chat.start()   # mounted apps get no lifespan: a readiness probe may come first
         healthy, reason = chat.health()
         if healthy:
             return JSONResponse({"status": "ok"})
@@ -1710,6 +1829,7 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
 
     @app.get("/stats", dependencies=[Depends(access)])
     async def stats() -> dict:
+        await chat.start()
         return chat.stats()
 
     @app.get("/rooms", dependencies=[Depends(access)])
@@ -1810,7 +1930,7 @@ def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper) -> list[WebSock
                 if result is not None:
                     await result
         finally:
-            chat.disconnect(conn)
+            chat.release(conn)
 
     async def echo(websocket: WebSocket) -> None:
         await session(websocket, lambda conn, frame: conn.push(f"Message text was: {frame}"))
@@ -1932,13 +2052,14 @@ def _coalescing_protocol_class() -> type:
         return framed
 
     class CoalescingWebSocketProtocol(WebSocketsSansIOProtocol):
-        """websockets-sansio with three changes for fan-out.
+        """websockets-sansio with a few changes for fan-out.
 
         Writes are coalesced per loop tick; a text message shared by many recipients is
-        framed once; and the ``wschat.send_nowait`` scope extension writes a message at
-        once when the socket can take it (False when it cannot), so a fan-out needs no
-        task per recipient. Anything unusual (handshake, close, a negotiated
-        extension) takes uvicorn's own path.
+        framed once; the ``wschat.send_nowait`` scope extension writes a message at once
+        when the socket can take it (False when it cannot), so a fan-out needs no task
+        per recipient; and ``wschat.abort`` drops a client whose close frame cannot get
+        out because it stopped reading. Anything unusual (handshake, close, a
+        negotiated extension) takes uvicorn's own path.
         """
 
         batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # one per event loop
@@ -1952,8 +2073,9 @@ def _coalescing_protocol_class() -> type:
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)
             scope = getattr(self, "scope", None)
-            if scope is not None:   # the app's task starts later and sees the extension
+            if scope is not None:   # the app's task starts later and sees the extensions
                 scope["extensions"][SEND_NOWAIT] = self.send_nowait
+                scope["extensions"][ABORT] = self.transport.abort
 
         def _plain_text_frames(self) -> bool:
             # Cheapest tests first: this runs once per recipient of every message.
