@@ -816,7 +816,7 @@ class ConnectionManager:
         for conn in room.json_view:
             conn.push_message(shared)
         delivered = len(room.json_view)
-        for conn, replayed in list(room.catching_up.items()):
+        for conn, replayed in list(room.catching_up.items()) if room.catching_up else ():
             if message_id is None or message_id > replayed:
                 if message_id is not None:   # caught up: from now on an ordinary member
                     del room.catching_up[conn]
@@ -2110,8 +2110,12 @@ def _websocket_protocol() -> str:
     except ImportError:
         return "auto"
     _coalescing_protocol_class()
-    module = os.path.splitext(os.path.basename(__file__))[0]
-    return f"{module}:coalescing_websocket_protocol"
+    return f"{_module_name()}:coalescing_websocket_protocol"
+
+
+def _module_name() -> str:
+    """How uvicorn imports this file (``wschat``, or whatever a copy is called)."""
+    return os.path.splitext(os.path.basename(__file__))[0]
 
 
 # ---------------------------------------------------------------------------
@@ -2473,8 +2477,7 @@ def _run(app: FastAPI, settings: Settings) -> None:
     if settings.workers > 1:
         # Each worker process builds its own app from the same settings.
         os.environ[_SETTINGS_VARIABLE] = json.dumps(asdict(settings))
-        module = os.path.splitext(os.path.basename(__file__))[0]
-        uvicorn.run(f"{module}:_app_from_environment", factory=True, workers=settings.workers, **options)
+        uvicorn.run(f"{_module_name()}:_app_from_environment", factory=True, workers=settings.workers, **options)
     else:
         uvicorn.run(app, **options)
 
