@@ -325,6 +325,35 @@ def browser():
             instance.close()
 
 
+class FakeServer:
+    """The ``wschat.server`` extension of a fake socket: ``send_nowait`` takes a frame while
+    the socket is ``writable``, as wschat's uvicorn protocol does, so unit tests run the
+    production path (direct writes first, the queue and writer only while a client is behind)."""
+
+    def __init__(self, sock: FakeSocket) -> None:
+        self.sock = sock
+        self.writable = True
+        self.attached: Any = None
+        self.aborted = False
+        self.connections = 1
+
+    def send_nowait(self, message: dict) -> bool:
+        if self.writable and self.sock.closed_with is None:
+            self.sock.sent.append(message["text"])
+            return True
+        return False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.sock.inbox.put_nowait({"type": "websocket.disconnect", "code": 1006})
+
+    def open_connections(self) -> int:
+        return self.connections
+
+    def attach(self, connection: Any) -> None:
+        self.attached = connection
+
+
 class FakeSocket:
     """The ten-line socket the manager talks to: records what is sent, feeds what is received."""
 
@@ -332,6 +361,8 @@ class FakeSocket:
         self.sent: list[str] = []
         self.closed_with: tuple[int, str | None] | None = None
         self.inbox: asyncio.Queue = asyncio.Queue()
+        self.server = FakeServer(self)
+        self.scope = {"extensions": {wschat.SERVER_EXTENSION: self.server}}
 
     async def accept(self) -> None:
         pass
@@ -355,11 +386,12 @@ class FakeSocket:
 # ---------------------------------------------------------------------------
 
 class StuckSocket(FakeSocket):
-    """A peer that stopped reading: ``send_text`` blocks until ``release`` is set."""
+    """A peer that stopped reading: the server cannot take a frame, ``send_text`` blocks until ``release`` is set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.release = asyncio.Event()
+        self.server.writable = False
 
     async def send_text(self, data: str) -> None:
         await self.release.wait()
@@ -368,6 +400,10 @@ class StuckSocket(FakeSocket):
 
 class VanishingSocket(FakeSocket):
     """A peer that vanishes after its welcome: later sends raise, and its reader sees the disconnect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server.writable = False   # every frame goes through send_text
 
     async def send_text(self, data: str) -> None:
         if self.sent:
@@ -382,6 +418,7 @@ class TimedSocket(FakeSocket):
     def __init__(self) -> None:
         super().__init__()
         self.times: list[float] = []
+        self.server.writable = False   # every frame goes through send_text, which times it
 
     async def send_text(self, data: str) -> None:
         self.times.append(time.monotonic())
@@ -874,9 +911,9 @@ class LaggingBroker(wschat.MemoryBroker):
         super().__init__()
         self.held: list[tuple[str, dict, str]] = []
 
-    async def start(self, manager: ConnectionManager) -> None:
-        await super().start(manager)
-        self.manager = manager
+    async def start(self, listener: Any) -> None:
+        await super().start(listener)
+        self.manager = listener
 
     async def publish(self, room: str, sender: str, text: str) -> dict:
         self.manager.deliver = lambda *delivery: self.held.append(delivery)   # hold instead of delivering
@@ -959,21 +996,30 @@ def test_manager_join_while_deliveries_lag_behind_history_gets_each_message_once
 
 
 def test_manager_restarted_id_sequence_closes_room_clients_with_1012():
-    """A broker delivering an id not above the last one (a flushed Redis) closes the room's clients with 1012 to resume with since."""
-    def stored(message_id: int) -> tuple[dict, str]:
+    """A delivered id not above the last one, or from another epoch (a flushed Redis), closes the room's
+    protocol clients with 1012 to resume with since; nothing of the new sequence reaches them first."""
+    def stored(message_id: int, epoch: str) -> tuple[dict, str, str]:
         message = wschat.message_event("r", message_id, "server", f"message {message_id}")
-        return message, wschat.encode(message)
+        return message, wschat.encode(message), epoch
 
     async def body():
         manager = ConnectionManager(Settings(presence_interval=60))
         sock, _ = await enter(manager, "r", "a")
-        manager.deliver("r", *stored(5))
+        other, _ = await enter(manager, "r", "b")
+        epoch = sock.frames()[0]["epoch"]
+        manager.deliver("r", *stored(5, epoch))
         await wait_for_condition(lambda: chat_messages(sock))
         assert sock.closed_with is None
-        manager.deliver("r", *stored(1))
-        await wait_for_condition(lambda: sock.closed_with is not None)
-        assert sock.closed_with[0] == 1012
+        manager.deliver("r", *stored(1, epoch))           # ids went backwards
+        await wait_for_condition(lambda: sock.closed_with is not None and other.closed_with is not None)
+        assert sock.closed_with[0] == other.closed_with[0] == 1012
         assert [m["id"] for m in chat_messages(sock)] == [5]
+        assert manager.stats()["messages_out"] == 2        # message 5 to a and b; message 1 to nobody
+
+        third, _ = await enter(manager, "r", "c")
+        manager.deliver("r", *stored(9, "another-epoch"))   # a new sequence with higher ids
+        await wait_for_condition(lambda: third.closed_with is not None)
+        assert third.closed_with[0] == 1012 and chat_messages(third) == []
 
     run(body())
 
@@ -1108,7 +1154,7 @@ def test_app_messages_since_and_limit_oldest_first():
 
 def test_app_history_keeps_the_last_n_messages():
     """History retains the last `history` messages (default 100); 0 keeps none, ids still count up."""
-    with TestClient(create_app()) as tc:
+    with TestClient(create_app(rate=0)) as tc:
         for i in range(105):
             post(tc, "r", f"m{i}")
         assert [m["id"] for m in tc.get("/rooms/r/messages").json()["messages"]] == list(range(6, 106))

@@ -29,15 +29,19 @@ banners below carry the same names.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
+import enum
 import functools
 import hashlib
 import hmac
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -50,8 +54,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette import status
 from starlette.requests import HTTPConnection
 from starlette.routing import Router, WebSocketRoute
@@ -78,9 +83,11 @@ logger = logging.getLogger("wschat")
 WS_1000_NORMAL_CLOSURE = status.WS_1000_NORMAL_CLOSURE
 WS_1001_GOING_AWAY = status.WS_1001_GOING_AWAY
 WS_1003_UNSUPPORTED_DATA = status.WS_1003_UNSUPPORTED_DATA
+WS_1007_INVALID_PAYLOAD = status.WS_1007_INVALID_FRAME_PAYLOAD_DATA
 WS_1008_POLICY_VIOLATION = status.WS_1008_POLICY_VIOLATION
 WS_1009_MESSAGE_TOO_BIG = status.WS_1009_MESSAGE_TOO_BIG
 WS_1011_INTERNAL_ERROR = status.WS_1011_INTERNAL_ERROR
+WS_1012_SERVICE_RESTART = status.WS_1012_SERVICE_RESTART
 WS_1013_TRY_AGAIN_LATER = status.WS_1013_TRY_AGAIN_LATER
 
 
@@ -90,6 +97,10 @@ class ProtocolError(ValueError):
 
 class BrokerUnavailable(RuntimeError):
     """The broker cannot be reached right now: publishers get an error frame, /healthz answers 503."""
+
+
+class RoomLimitReached(RuntimeError):
+    """The broker holds ``max_rooms`` rooms: a join or message that would create another is refused."""
 
 
 # ---------------------------------------------------------------------------
@@ -123,11 +134,14 @@ class Settings:
     workers: int = 1
     log_level: str = "info"
     root_path: str = ""
+    allowed_hosts: tuple[str, ...] = ()
+    max_rooms: int = 10_000
     presence_interval: float = 0.25
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", _as_tuple(self.tokens))
         object.__setattr__(self, "allowed_origins", _as_tuple(self.allowed_origins))
+        object.__setattr__(self, "allowed_hosts", _as_tuple(self.allowed_hosts))
         _require(0 < self.port < 65536, "port", self.port, "between 1 and 65535")
         _require(self.timeout >= 0, "timeout", self.timeout, "0 (off) or more seconds")
         _require(self.history >= 0, "history", self.history, "0 (keep none) or more")
@@ -136,6 +150,7 @@ class Settings:
         _require(self.max_connections >= 1, "max_connections", self.max_connections, "at least 1")
         _require(self.send_queue >= 1, "send_queue", self.send_queue, "at least 1")
         _require(self.workers >= 1, "workers", self.workers, "at least 1")
+        _require(self.max_rooms >= 1, "max_rooms", self.max_rooms, "at least 1")
         _require(self.presence_interval > 0, "presence_interval", self.presence_interval, "more than 0 seconds")
         _require(self.log_level.lower() in LOG_LEVELS, "log_level", self.log_level, f"one of {LOG_LEVELS}")
         _require(urlsplit(self.broker).scheme in BROKER_SCHEMES, "broker", mask_url(self.broker),
@@ -146,11 +161,17 @@ class Settings:
                  self.allowed_origins, "'*' or origins like https://example.com")
         _require(self.root_path == "" or (self.root_path.startswith("/") and not self.root_path.endswith("/")),
                  "root_path", self.root_path, "empty or like /chat")
+        _require(all(_HOST_PATTERN.fullmatch(h) for h in self.allowed_hosts), "allowed_hosts", self.allowed_hosts,
+                 "host names like chat.example.com or *.example.com (no scheme, no port), or '*'")
 
     @property
     def rate_burst(self) -> float:
-        """Token-bucket size: a client may send 2 x rate messages at once before it is limited."""
-        return 2 * self.rate
+        """Token-bucket size: a client may send 2 x rate messages at once before it is limited,
+        and always at least one, so a rate below 1 still lets a message through now and then."""
+        return max(2 * self.rate, 1.0)
+
+
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\]")
 
 
 def _as_tuple(value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -185,8 +206,7 @@ def mask_url(url: str) -> str:
 LOBBY = "lobby"
 MAX_LISTED_MEMBERS = 100   # welcome and presence frames list at most this many ids
 PRESENCE_FRAMES_PER_SECOND = 2000   # per room: a room of N members hears presence every N/2000 s at most
-ROOM_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
-_ROOM_NAME = re.compile(ROOM_PATTERN)
+_ROOM_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")   # always with fullmatch: "$" would let "room\n" through
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 PONG_FRAME = '{"type":"pong"}'
 
@@ -197,8 +217,8 @@ JSON_VIEW, TEXT_VIEW, PLAIN_VIEW = "json", "text", "plain"
 encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def valid_room(name: str) -> bool:
-    return _ROOM_NAME.match(name) is not None
+def valid_room(name: object) -> bool:
+    return isinstance(name, str) and _ROOM_NAME.fullmatch(name) is not None
 
 
 def valid_client_id(client_id: object) -> bool:
@@ -323,10 +343,48 @@ class ChatSocket(Protocol):
 
 
 RAW_SEND = "wschat.send"              # scope key: the ASGI server's own send, recorded by _Endpoint
-SEND_NOWAIT = "wschat.send_nowait"    # scope extension: write a message now if the socket can take it
-ABORT = "wschat.abort"                # scope extension: drop the TCP connection (a close that never goes out)
-CLOSE_TIMEOUT = 5.0                   # seconds a close may take before the connection is given up
+SERVER_EXTENSION = "wschat.server"    # scope extension: a ServerSocket, offered by wschat's uvicorn protocol
+CLOSE_TIMEOUT = 5.0                   # seconds a closing handshake may take before the TCP connection is dropped
 _WIRE = "wschat.wire"                 # message key: the frame bytes a server keeps for a shared message
+
+
+class ServerSocket(Protocol):
+    """What wschat's uvicorn protocol offers each connection, as the scope extension ``wschat.server``.
+
+    With it a fan-out writes without a task per recipient, and the server enforces the
+    per-connection bounds that plain ASGI cannot express (pings, held control frames,
+    dropping a peer that never finishes closing). Without it (stock uvicorn, other
+    servers, test fakes) everything still works through each connection's queue and writer.
+    """
+
+    def send_nowait(self, message: dict) -> bool:
+        """Write one ``websocket.send`` message now if the socket can take it; False when it cannot."""
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once: for a close frame that can never get out."""
+
+    def open_connections(self) -> int:
+        """TCP connections this server holds now: sockets, closing ones and half-received requests."""
+
+    def attach(self, connection: AttachedConnection) -> None:
+        """From now on pings and held control frames follow ``connection``'s limits."""
+
+
+class AttachedConnection(Protocol):
+    """What the server asks of the connection attached to it (see ``ServerSocket.attach``)."""
+
+    frame_limit: int            # control frames (pongs) it may hold for a client that stopped reading
+
+    def ping_received(self) -> float:
+        """A protocol PING arrived: 0 to answer it, else no PONG and read nothing more for that many seconds."""
+
+    def overflowed(self) -> None:
+        """The client holds ``frame_limit`` control frames it does not read: drop it as too slow."""
+
+
+def _server_socket(socket: ChatSocket) -> ServerSocket | None:
+    extensions = getattr(socket, "scope", {}).get("extensions") or {}
+    return extensions.get(SERVER_EXTENSION)
 
 
 def _message_sender(socket: ChatSocket) -> Callable[[dict], Awaitable[None]]:
@@ -347,53 +405,126 @@ def text_message(frame: str) -> dict:
     return {"type": "websocket.send", "text": frame}
 
 
-class Connection:
-    """One accepted WebSocket: who it is, where it is, and its outbound queue.
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up: the rate limit of SPEC section 7."""
 
-    ``push`` hands a frame over and returns at once, never waiting for the socket.
-    Where the server offers ``wschat.send_nowait`` and the socket can take the frame,
-    it is written there and then, as ``websockets.broadcast()`` does. Otherwise it
-    joins the connection's queue, and the connection's writer task sends it in order
-    when the socket drains; so a socket that stops reading only ever delays itself.
-    The writer starts with the first queued frame and then sleeps on a future
-    between batches, which is much cheaper than a new task per batch. A queue
-    holding ``send_queue`` frames marks a client too slow: see ``ConnectionManager``.
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        """Spend a token if there is one."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def take_or_owe(self, now: float) -> float:
+        """Spend a token, going into debt when there is none: 0 when there was one, else the
+        seconds until the debt is paid and a token is back."""
+        if self.take(now):
+            return 0.0
+        self.tokens -= 1
+        return self.wait()
+
+    def wait(self) -> float:
+        """Seconds until the next token."""
+        return (1 - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """Token buckets by key (an identity or an address) for requests with no connection of their own.
+
+    It remembers at most ``max_keys`` buckets, forgetting the least recently used first,
+    so a flood of new addresses costs bounded memory (a forgotten key starts full again).
     """
 
-    __slots__ = ("socket", "client_id", "room", "view", "credential", "closed", "last_seen", "idle_timer", "in_room",
-                 "_manager", "_loop", "_send", "_send_nowait", "_abort", "_outbox", "_backlog", "_limit",
-                 "_writer", "_wakeup", "_close_request", "_close_timer", "_abandoned", "_tokens", "_stamp")
+    def __init__(self, rate: float, burst: float, *, max_keys: int = 10_000) -> None:
+        self._rate, self._burst, self._max_keys = rate, burst, max_keys
+        self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+
+    def retry_after(self, key: str, now: float) -> float:
+        """0 when ``key`` may go ahead now (and it is counted), else the seconds to wait."""
+        if not self._rate:
+            return 0.0
+        bucket = self._buckets.pop(key, None) or TokenBucket(self._rate, self._burst, now)
+        self._buckets[key] = bucket
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return 0.0 if bucket.take(now) else bucket.wait()
+
+
+class ConnectionState(enum.Enum):
+    """Where a Connection is in its life; the ConnectionManager makes every transition."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    ENDED = "ended"
+
+
+class Connection:
+    """One accepted WebSocket: who it is, where it is, its outbound queue and its state.
+
+    Its state (``ConnectionState``) changes only in the ConnectionManager::
+
+        OPEN ──manager.close()──> CLOSING ──socket ends──> ENDED
+          └───────────────── socket ends ───────────────────┘
+
+    * OPEN: frames go both ways.
+    * CLOSING: wschat decided to close it. The frames already queued go out and then
+      the close frame (for a client dropped as too slow: the close frame alone).
+      Nothing new is queued and it is no longer a member of its room. The manager's
+      give-up timer drops the TCP connection if the socket has not ended
+      ``CLOSE_TIMEOUT`` seconds later, because a client that stopped reading never
+      lets the close frame out.
+    * ENDED: the socket is gone (its reader saw the disconnect, or a send failed).
+
+    ``push`` hands a frame over and returns at once, never waiting for the socket.
+    Where the server offers ``ServerSocket.send_nowait`` and the socket can take the
+    frame, it is written there and then, as ``websockets.broadcast()`` does. Otherwise
+    it joins the connection's queue, and the connection's writer task sends it in order
+    when the socket drains; so a socket that stops reading only ever delays itself.
+    The writer starts with the first queued frame and then sleeps on a future between
+    batches, which is much cheaper than a new task per batch. A queue holding
+    ``frame_limit`` (``send_queue``) frames marks a client too slow: the manager drops it.
+    """
+
+    __slots__ = ("socket", "client_id", "room", "view", "credential", "state", "last_seen", "bucket",
+                 "frame_limit", "idle_timer", "give_up", "_manager", "_loop", "_send", "_server", "_send_nowait",
+                 "_outbox", "_backlog", "_writer", "_wakeup", "_close_frame")
 
     def __init__(self, manager: ConnectionManager, socket: ChatSocket, *, client_id: str,
                  room: str | None, view: str, credential: str | None = None) -> None:
+        settings = manager.settings
         self.socket = socket
         self.client_id = client_id
         self.room = room
         self.view = view
         self.credential = credential
-        self.closed = False                  # no more frames are accepted
+        self.state = ConnectionState.OPEN
         self._manager = manager
         self._loop = manager.loop
-        self._send = _message_sender(socket)
-        extensions = getattr(socket, "scope", {}).get("extensions") or {}
-        self._send_nowait = extensions.get(SEND_NOWAIT)
-        self._abort = extensions.get(ABORT)
         self.last_seen = self._loop.time()
+        self.bucket = TokenBucket(settings.rate, settings.rate_burst, self.last_seen)
+        self.frame_limit = settings.send_queue
+        self.idle_timer: asyncio.TimerHandle | None = None    # the manager's: closes a silent client
+        self.give_up: asyncio.TimerHandle | None = None       # the manager's: drops a close that never ends
+        self._send = _message_sender(socket)
+        self._server = _server_socket(socket)
+        self._send_nowait = self._server.send_nowait if self._server is not None else None
         self._outbox: list[dict] = []
         self._backlog = 0                    # frames queued and not yet handed to the socket
-        self._limit = manager.settings.send_queue
         self._writer: asyncio.Task | None = None
         self._wakeup: asyncio.Future | None = None   # set while the writer sleeps
-        self._close_request: tuple[int, str] | None = None
-        self._close_timer: asyncio.TimerHandle | None = None
-        self._abandoned = False              # drop what is queued: the client is gone or too slow
-        self._tokens = manager.settings.rate_burst
-        self._stamp = self.last_seen
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.in_room = False
+        self._close_frame: tuple[int, str, bool] | None = None   # (code, reason, after the queue?)
+        if self._server is not None:
+            self._server.attach(self)
 
     def __repr__(self) -> str:
-        return f"<Connection {self.client_id!r} room={self.room!r} view={self.view}>"
+        return f"<Connection {self.client_id!r} room={self.room!r} view={self.view} {self.state.value}>"
 
     def push(self, frame: str) -> None:
         """Queue one text frame for this client; never waits."""
@@ -401,11 +532,11 @@ class Connection:
 
     def push_message(self, message: dict) -> None:
         """Send or queue one ``websocket.send`` message, possibly shared with other connections."""
-        if self.closed:
+        if self.state is not ConnectionState.OPEN:
             return
         if not self._backlog and self._send_nowait is not None and self._send_nowait(message):
             return
-        if self._backlog >= self._limit:
+        if self._backlog >= self.frame_limit:
             self._manager._overflowed(self)
             return
         self._outbox.append(message)
@@ -415,32 +546,6 @@ class Connection:
     def send_error(self, reason: str) -> None:
         """An error frame on the room route; a plain ``Error: ...`` line on text routes."""
         self.push(error_frame(reason) if self.view == JSON_VIEW else f"Error: {reason}")
-
-    def close(self, code: int = WS_1000_NORMAL_CLOSURE, reason: str = "", *, discard: bool = False) -> None:
-        """Close after the frames already queued, or at once with ``discard=True``."""
-        if discard:
-            self._abandon()
-        if self._close_request is None:
-            self.closed = True
-            self._close_request = (code, reason)
-            self._wake_writer()
-            # A client that stopped reading never lets the close frame out: give up on it.
-            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._manager._close_timed_out, self)
-
-    def finish(self) -> None:
-        """The socket is gone: accept nothing more, and let a sleeping writer end."""
-        self.closed = True
-        self._wake_writer(start=False)
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
-
-    def abort(self) -> None:
-        """Drop the connection without a closing handshake, where the server allows it."""
-        if self._abort is not None:
-            self._abort()
-        if self._writer is not None:
-            self._writer.cancel()
 
     @property
     def pending(self) -> int:
@@ -452,15 +557,48 @@ class Connection:
         """The task sending this connection's queue, while there is one."""
         return self._writer
 
-    @property
-    def closing(self) -> bool:
-        """wschat decided to close this client (not merely that its peer went away)."""
-        return self._close_request is not None
+    # -- what the server asks (AttachedConnection) ------------------------------
 
-    def _abandon(self) -> None:
-        self._abandoned = True
+    def ping_received(self) -> float:
+        """Protocol PINGs count toward the rate; one over it gets no PONG, and its debt is
+        paid before this client is read again, so a ping flood only ever slows itself."""
+        if not self.bucket.rate:
+            return 0.0
+        return self.bucket.take_or_owe(self._loop.time())
+
+    def overflowed(self) -> None:
+        self._manager._overflowed(self)
+
+    # -- transitions, made by the manager ---------------------------------------
+
+    def _begin_close(self, code: int, reason: str, *, after_queue: bool) -> None:
+        self.state = ConnectionState.CLOSING
+        if not after_queue:
+            self._drop_queue()
+        self._close_frame = (code, reason, after_queue)
+        self._wake_writer()
+
+    def _end(self) -> None:
+        self.state = ConnectionState.ENDED
+        self._drop_queue()
+        self._wake_writer(start=False)
+
+    def _abort(self) -> None:
+        """Drop the TCP connection without a closing handshake, where the server allows it."""
+        if self._server is not None:
+            self._server.abort()
+        if self._writer is not None:
+            self._writer.cancel()
+
+    # -- the writer ----------------------------------------------------------------
+
+    def _drop_queue(self) -> None:
         self._outbox = []
         self._backlog = 0
+
+    @property
+    def _queue_dropped(self) -> bool:
+        return self.state is ConnectionState.ENDED or (self._close_frame is not None and not self._close_frame[2])
 
     def _wake_writer(self, *, start: bool = True) -> None:
         wakeup = self._wakeup
@@ -477,66 +615,184 @@ class Connection:
                 while self._outbox:
                     batch, self._outbox = self._outbox, []
                     for message in batch:
-                        if self._abandoned:
+                        if self._queue_dropped:
                             break
                         await send(message)
-                        if not self._abandoned:   # else the queue was emptied meanwhile
+                        if not self._queue_dropped:   # else the queue was emptied meanwhile
                             self._backlog -= 1
-                if self._close_request is not None:
-                    await self.socket.close(*self._close_request)
+                if self.state is ConnectionState.CLOSING and self._close_frame is not None:
+                    code, reason, _ = self._close_frame
+                    self._close_frame = (code, reason, False)   # sent at most once
+                    await self.socket.close(code, reason)
                     return
-                if self.closed:
+                if self.state is not ConnectionState.OPEN:
                     return
                 self._wakeup = self._loop.create_future()
                 await self._wakeup
-        except Exception as exc:  # the peer vanished mid-send: the reader cleans up
-            self.closed = True
-            self._abandon()
-            logger.debug("send to %r failed: %s", self, exc.__class__.__name__)
+        except Exception as exc:  # the peer vanished mid-send
+            self._manager._send_failed(self, exc)
         finally:
             self._writer = self._wakeup = None
 
-    def take_token(self, now: float, rate: float, burst: float) -> bool:
-        """Token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
-        tokens = min(burst, self._tokens + (now - self._stamp) * rate)
-        self._stamp = now
-        if tokens < 1:
-            self._tokens = tokens
-            return False
-        self._tokens = tokens - 1
-        return True
+
+class MemberPhase(enum.Enum):
+    """How far a room-protocol connection is into its room (see ``Room``)."""
+
+    SYNCING = "syncing"
+    CATCHING_UP = "catching up"
+    LIVE = "live"
 
 
 class Room:
-    """This process's view of one room: its connections by view and by client id."""
+    """This process's members of one room, and the one rule that fans a frame out to them.
 
-    __slots__ = ("name", "json_view", "text_view", "syncing", "catching_up", "clients", "joined", "last_id", "changes",
-                 "flush_timer", "subscribed")
+    A room-protocol connection goes through three phases (``MemberPhase``)::
+
+        add() ──> SYNCING ──welcome()──> CATCHING_UP ──first newer message──> LIVE
+                                    └──────────────────────────────────────> LIVE
+
+    * SYNCING: it is in the room; its welcome and history are being read. Whatever is
+      delivered meanwhile is held for it and sent after its replay.
+    * CATCHING_UP: its replay reached an id that the broker has not delivered here yet
+      (Redis pub/sub runs a little behind its history): messages up to that id are skipped.
+    * LIVE: it gets every frame as it is delivered.
+
+    The lobby's text view is always live. Every path that sends to members (messages,
+    direct messages, presence, ``broadcast``) goes through ``fan_out`` or ``send_to``,
+    so nobody hears anything before its welcome, and nothing twice.
+
+    ``epoch`` and ``last_id`` are the sequence delivered here; a message from another
+    epoch, or not above ``last_id``, means the sequence started again.
+    """
+
+    __slots__ = ("name", "subscribed", "live", "text_view", "syncing", "catching_up", "clients", "announced",
+                 "epoch", "last_id", "presence_pending", "presence_timer")
 
     def __init__(self, name: str, subscribed: asyncio.Future) -> None:
         self.name = name
-        self.subscribed = subscribed                 # the broker's subscription, shared by entrants
-        self.json_view: dict[Connection, None] = {}   # room-protocol connections, live
+        self.subscribed = subscribed                  # the broker's subscription, shared by entrants
+        self.live: dict[Connection, None] = {}        # room-protocol connections in phase LIVE
+        self.syncing: dict[Connection, list[tuple[int | None, dict]]] = {}   # SYNCING: what came meanwhile
+        self.catching_up: dict[Connection, int] = {}  # CATCHING_UP: the id its replay reached
         self.text_view: dict[Connection, None] = {}   # the lobby's text view
-        self.syncing: dict[Connection, list[tuple[int | None, dict]]] = {}   # awaiting history: what came
-        self.catching_up: dict[Connection, int] = {}  # replayed up to an id the broker has not delivered yet
-        self.last_id = 0                             # the last message id delivered here
         self.clients: dict[str, list[Connection]] = {}
-        self.joined: set[str] = set()                # client ids announced to the broker
-        self.changes: dict[str, bool] = {}           # presence not yet announced: id -> joined
-        self.flush_timer: asyncio.TimerHandle | None = None
+        self.announced: set[str] = set()              # client ids announced to the broker from here
+        self.epoch: str | None = None
+        self.last_id = 0
+        self.presence_pending: dict[str, bool] = {}   # presence not yet announced: id -> joined
+        self.presence_timer: asyncio.TimerHandle | None = None
+
+    # -- membership ----------------------------------------------------------
+
+    def add(self, conn: Connection) -> None:
+        """A new member: SYNCING on the room protocol, live on the text view."""
+        self.clients.setdefault(conn.client_id, []).append(conn)
+        if conn.view == TEXT_VIEW:
+            self.text_view[conn] = None
+        else:
+            self.syncing[conn] = []
+
+    def holds(self, conn: Connection) -> bool:
+        return conn in self.clients.get(conn.client_id, ())
+
+    def phase(self, conn: Connection) -> MemberPhase | None:
+        if conn in self.syncing:
+            return MemberPhase.SYNCING
+        if conn in self.catching_up:
+            return MemberPhase.CATCHING_UP
+        if conn in self.live or conn in self.text_view:
+            return MemberPhase.LIVE
+        return None
+
+    def welcome(self, conn: Connection, epoch: str, last_id: int) -> list[dict] | None:
+        """SYNCING -> CATCHING_UP or LIVE, for a connection whose replay ends at ``last_id``.
+        Returns what was held for it that the replay did not include (None: it left meanwhile)."""
+        held = self.syncing.pop(conn, None)
+        if held is None:
+            return None
+        if self.epoch is None:
+            self.epoch = epoch   # so that a restarted sequence is noticed even before a delivery here
+        if last_id > self.last_id:
+            self.catching_up[conn] = last_id
+        else:
+            self.live[conn] = None
+        return [message for message_id, message in held if message_id is None or message_id > last_id]
+
+    def remove(self, conn: Connection) -> bool:
+        """Forget a member; True when its client id has no connection left here."""
+        self.live.pop(conn, None)
+        self.text_view.pop(conn, None)
+        self.syncing.pop(conn, None)
+        self.catching_up.pop(conn, None)
+        clients = self.clients[conn.client_id]
+        clients.remove(conn)
+        if clients:
+            return False
+        del self.clients[conn.client_id]
+        return True
+
+    def protocol_members(self) -> list[Connection]:
+        """Room-protocol connections in every phase."""
+        return [*self.live, *self.syncing, *self.catching_up]
+
+    def continues(self, epoch: str, message_id: int) -> bool:
+        """Whether a delivered message continues the sequence delivered here so far."""
+        return (self.epoch is None or epoch == self.epoch) and message_id > self.last_id
+
+    # -- the fan-out rule ------------------------------------------------------
+
+    def fan_out(self, shared: dict, message_id: int | None = None) -> int:
+        """Hand one shared message to every room-protocol member, by phase: LIVE ones get it
+        now, CATCHING_UP ones once it is past their replay (and are LIVE from then on),
+        SYNCING ones have it held for after their welcome. Returns how many got it now."""
+        live = self.live
+        recipients = tuple(live)   # a member dropped mid-loop leaves the room at once
+        for conn in recipients:
+            conn.push_message(shared)
+        delivered = len(recipients)
+        if self.catching_up:
+            for conn, replayed in tuple(self.catching_up.items()):
+                if message_id is None or message_id > replayed:
+                    if message_id is not None:
+                        del self.catching_up[conn]
+                        live[conn] = None
+                    conn.push_message(shared)
+                    delivered += 1
+        if self.syncing:
+            for conn, held in tuple(self.syncing.items()):
+                if len(held) >= conn.frame_limit:
+                    conn.overflowed()   # a join that takes this long holds no more than a slow client
+                else:
+                    held.append((message_id, shared))
+        return delivered
+
+    def send_to(self, conn: Connection, shared: dict) -> None:
+        """The fan-out rule for one room-protocol recipient (a direct message)."""
+        held = self.syncing.get(conn)
+        if held is None:
+            conn.push_message(shared)
+        elif len(held) >= conn.frame_limit:
+            conn.overflowed()
+        else:
+            held.append((None, shared))
 
 
 class ConnectionManager:
     """Rooms, members and fan-out for one app; reached by host code as ``app.state.chat``.
 
     Fan-out policy, in the spirit of ``websockets.broadcast()``: delivering a message is
-    a synchronous loop that queues one shared, already-encoded frame on each
-    recipient's connection and never waits for any socket. Each connection's own writer
-    drains its queue. A client whose queue already holds ``send_queue`` frames is too
-    slow to keep up: it alone is closed with 1013, its queue discarded, and it is
-    counted in ``slow_clients_dropped``; everyone else carries on. A client that
-    vanishes mid-send is cleaned up once, quietly, by its own reader.
+    a synchronous loop that hands one shared, already-encoded frame to each recipient's
+    connection and never waits for any socket (see ``Connection.push``). There is no
+    backpressure on the sender: what bounds memory is each connection's ``send_queue``.
+    A client whose queue already holds ``send_queue`` frames is too slow to keep up: it
+    alone is closed with 1013 (its queue discarded) and counted in
+    ``slow_clients_dropped``; everyone else carries on. This holds however many messages
+    are published within one event-loop tick: the bound is counted in frames, per client.
+    A client that vanishes mid-send is cleaned up once, quietly.
+
+    The manager owns every connection's state (``ConnectionState``) and timers (idle
+    timeout, close give-up), and each room's membership (``Room``). It is the
+    ``BrokerListener`` of its broker.
 
     The seed tutorial's names are kept: ``connect``, ``disconnect``,
     ``send_personal_message``, ``broadcast`` and ``active_connections``.
@@ -544,9 +800,11 @@ class ConnectionManager:
 
     def __init__(self, settings: Settings | None = None, *, broker: Broker | None = None) -> None:
         self.settings = settings or Settings()
-        self.broker: Broker = broker or broker_from_url(self.settings.broker, history=self.settings.history)
+        self.broker: Broker = broker or broker_from_url(self.settings.broker, history=self.settings.history,
+                                                        max_rooms=self.settings.max_rooms)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
-        self._connections: dict[ChatSocket, Connection] = {}
+        self.post_limiter = RateLimiter(self.settings.rate, self.settings.rate_burst)
+        self._connections: dict[ChatSocket, Connection] = {}   # every connection not yet ENDED
         self._rooms: dict[str, Room] = {}
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -573,7 +831,7 @@ class ConnectionManager:
         if not self._started:
             return
         for conn in list(self._connections.values()):
-            conn.close(WS_1001_GOING_AWAY, "server shutting down")
+            self.close(conn, WS_1001_GOING_AWAY, "server shutting down")
         writers = [conn.writer for conn in self._connections.values() if conn.writer is not None]
         if writers:   # the close frames go out; a client that never reads is not waited for
             await asyncio.wait(writers, timeout=grace)
@@ -592,14 +850,23 @@ class ConnectionManager:
 
     @property
     def active_connections(self) -> list[ChatSocket]:
-        """Every socket currently connected to this app, as in the tutorial."""
-        return list(self._connections)
+        """Every socket currently connected to this app and open, as in the tutorial."""
+        return [socket for socket, conn in self._connections.items() if conn.state is ConnectionState.OPEN]
 
     def new_guest_id(self) -> str:
         while True:
             guest = f"guest-{secrets.token_hex(4)}"
             if not any(guest in room.clients for room in self._rooms.values()):
                 return guest
+
+    def _held_connections(self, websocket: ChatSocket) -> int:
+        """Connections counted toward ``max_connections``: every one not yet ended, and, where
+        the server can tell, every TCP connection it holds (closing ones, half-received requests)."""
+        held = len(self._connections)
+        server = _server_socket(websocket)
+        if server is not None:
+            held = max(held, server.open_connections() - 1)   # not counting the one asking
+        return held
 
     async def connect(self, websocket: ChatSocket, *, client_id: str | None = None, room: str | None = None,
                       view: str | None = None, since: int | None = None, epoch: str | None = None,
@@ -608,7 +875,7 @@ class ConnectionManager:
         the lobby text view with ``view=TEXT_VIEW``. Returns None when the server is
         full (the socket was closed with 1013)."""
         await self.start()
-        if len(self._connections) >= self.settings.max_connections:
+        if self._held_connections(websocket) >= self.settings.max_connections:
             await websocket.accept()
             await websocket.close(WS_1013_TRY_AGAIN_LATER, "too many connections, try again later")
             return None
@@ -621,32 +888,45 @@ class ConnectionManager:
         if room is not None:
             try:
                 await self._enter(conn, since, epoch)
-            except BrokerUnavailable as exc:
-                conn.close(WS_1013_TRY_AGAIN_LATER, f"broker unavailable: {exc}"[:120])
+            except (BrokerUnavailable, RoomLimitReached) as exc:
+                self.close(conn, WS_1013_TRY_AGAIN_LATER, _close_reason(exc))
             except Exception:
                 logger.exception("could not join %r to room %r", conn.client_id, room)
-                conn.close(WS_1011_INTERNAL_ERROR, "internal error")
+                self.close(conn, WS_1011_INTERNAL_ERROR, "internal error")
             except BaseException:
                 self.release(conn)
                 raise
         return conn
 
-    def disconnect(self, target: Connection | ChatSocket) -> None:
-        """Close a connection (1000) and forget it: it leaves its room at once. Safe to call twice."""
-        conn = target if isinstance(target, Connection) else self._connections.get(target)
-        if conn is None:
+    def close(self, conn: Connection, code: int = WS_1000_NORMAL_CLOSURE, reason: str = "", *,
+              drop_queue: bool = False) -> None:
+        """Close one connection: OPEN -> CLOSING. The frames already queued go out first
+        (none with ``drop_queue``), then the close frame. It leaves its room now. If its
+        socket has not ended ``CLOSE_TIMEOUT`` seconds later, the TCP connection is dropped."""
+        if conn.state is not ConnectionState.OPEN:
             return
-        conn.close(WS_1000_NORMAL_CLOSURE, "disconnected by the server")
-        self.release(conn)
+        conn._begin_close(code, reason, after_queue=not drop_queue)
+        self._leave(conn)
+        conn.give_up = self.loop.call_later(CLOSE_TIMEOUT, self._give_up, conn)
+
+    def disconnect(self, target: Connection | ChatSocket) -> None:
+        """Close a connection (1000) and forget it: it leaves its room and ``active_connections``
+        at once. Safe to call twice, and on a socket that has already ended."""
+        conn = target if isinstance(target, Connection) else self._connections.get(target)
+        if conn is not None:
+            self.close(conn, WS_1000_NORMAL_CLOSURE, "disconnected by the server")
 
     def release(self, conn: Connection) -> None:
-        """Forget a connection whose socket has ended: leave its room, stop its timer."""
+        """The socket has ended (-> ENDED): forget the connection, leave its room, stop its timers."""
+        if conn.state is ConnectionState.ENDED:
+            return
         self._connections.pop(conn.socket, None)
-        conn.finish()
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         self._leave(conn)
+        conn._end()
+        for timer in (conn.idle_timer, conn.give_up):
+            if timer is not None:
+                timer.cancel()
+        conn.idle_timer = conn.give_up = None
 
     async def frames(self, conn: Connection) -> AsyncIterator[str]:
         """The text frames a client sends, once they pass the limits of SPEC section 7.
@@ -656,24 +936,26 @@ class ConnectionManager:
         decided to close a client this keeps reading (and ignoring) until the socket
         ends, so the close frame goes out before the handler returns. Frames a peer sent
         just before it left are still delivered, even if a send to it already failed.
+        When the socket ends, the connection is released.
         """
         receive = conn.socket.receive
         settings = self.settings
-        limit, rate, burst = settings.max_message_size, settings.rate, settings.rate_burst
+        limit, rate = settings.max_message_size, settings.rate
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
+                self.release(conn)
                 return
-            if conn.closing:
+            if conn.state is ConnectionState.CLOSING:
                 continue
             now = conn.last_seen = self.loop.time()
             self.messages_in += 1
             text = message.get("text")
             if text is None:
-                conn.close(WS_1003_UNSUPPORTED_DATA, "binary frames are not supported", discard=True)
+                self.close(conn, WS_1003_UNSUPPORTED_DATA, "binary frames are not supported", drop_queue=True)
             elif len(text) > limit // 4 and utf8_length(text) > limit:
-                conn.close(WS_1009_MESSAGE_TOO_BIG, f"message larger than {limit} bytes", discard=True)
-            elif rate and not conn.take_token(now, rate, burst):
+                self.close(conn, WS_1009_MESSAGE_TOO_BIG, f"message larger than {limit} bytes", drop_queue=True)
+            elif rate and not conn.bucket.take(now):
                 conn.send_error(f"rate limit exceeded: at most {rate:g} messages per second; not delivered")
             else:
                 yield text
@@ -684,25 +966,30 @@ class ConnectionManager:
             conn.idle_timer = self.loop.call_later(delay or self.settings.timeout, self._check_idle, conn)
 
     def _check_idle(self, conn: Connection) -> None:
+        conn.idle_timer = None
         idle = self.loop.time() - conn.last_seen
         if idle >= self.settings.timeout:
-            conn.idle_timer = None
-            conn.close(WS_1000_NORMAL_CLOSURE, "Session timeout")
-        else:
+            self.close(conn, WS_1000_NORMAL_CLOSURE, "Session timeout")
+        elif conn.state is ConnectionState.OPEN:
             self._watch_idle(conn, self.settings.timeout - idle)
 
-    def _close_timed_out(self, conn: Connection) -> None:
-        if conn.socket in self._connections:
-            logger.info("closing %r timed out; dropping the connection", conn.client_id)
-            conn.abort()
+    def _give_up(self, conn: Connection) -> None:
+        conn.give_up = None
+        if conn.state is ConnectionState.CLOSING:
+            logger.info("closing %r took over %g s; dropping the connection", conn.client_id, CLOSE_TIMEOUT)
+            conn._abort()
             self.release(conn)
 
     def _overflowed(self, conn: Connection) -> None:
+        if conn.state is not ConnectionState.OPEN:
+            return
         self.slow_clients_dropped += 1
         logger.info("dropping slow client %r: %d frames queued", conn.client_id, conn.pending)
-        conn.close(WS_1013_TRY_AGAIN_LATER, "too slow: send queue full", discard=True)
-        # Called from inside a fan-out loop over the room: leave it once that loop is done.
-        self.loop.call_soon(self._leave, conn)
+        self.close(conn, WS_1013_TRY_AGAIN_LATER, "too slow: send queue full", drop_queue=True)
+
+    def _send_failed(self, conn: Connection, exc: Exception) -> None:
+        logger.debug("send to %r failed: %s", conn, exc.__class__.__name__)
+        self.release(conn)
 
     # -- rooms ---------------------------------------------------------------
 
@@ -713,16 +1000,11 @@ class ConnectionManager:
         if room is None:
             # Subscribe before reading history, so no message falls between the two.
             room = self._rooms[name] = Room(name, asyncio.ensure_future(self.broker.subscribe(name)))
-        conn.in_room = True
-        room.clients.setdefault(conn.client_id, []).append(conn)
-        if conn.view == TEXT_VIEW:
-            room.text_view[conn] = None
-        else:
-            room.syncing[conn] = []
+        room.add(conn)
         try:
             await asyncio.shield(room.subscribed)
-            if conn.client_id not in room.joined and conn.in_room:
-                room.joined.add(conn.client_id)
+            if conn.client_id not in room.announced and room.holds(conn):
+                room.announced.add(conn.client_id)
                 self.broker.join(name, conn.client_id)
             if conn.view == JSON_VIEW:
                 await self._welcome(room, conn, since, epoch)
@@ -734,8 +1016,10 @@ class ConnectionManager:
         """Welcome, then the replay, then whatever arrived meanwhile: in id order, once each."""
         current_epoch, last_id, retained = await self.broker.history(room.name)
         members, count = await self.broker.roster(room.name, MAX_LISTED_MEMBERS)
-        pending = room.syncing.pop(conn, None)
-        if pending is None or conn.closed:
+        if conn.state is not ConnectionState.OPEN:
+            return
+        held = room.welcome(conn, current_epoch, last_id)
+        if held is None:
             return
         replay, recovered = plan_replay(retained, last_id, since, epoch in (None, current_epoch))
         welcome = {"type": "welcome", "room": room.name, "client_id": conn.client_id, "members": members,
@@ -745,93 +1029,62 @@ class ConnectionManager:
         conn.push(encode(welcome))
         for _, frame in replay:
             conn.push(frame)
-        for message_id, message in pending:
-            if message_id is None or message_id > last_id:
-                conn.push_message(message)
-        if last_id > room.last_id:
-            # The history is ahead of the broker's deliveries here (Redis pub/sub lags a
-            # little): skip what the replay already gave, then join the live fan-out.
-            room.catching_up[conn] = last_id
-        else:
-            room.json_view[conn] = None
+        for message in held:
+            conn.push_message(message)
 
     def _leave(self, conn: Connection) -> None:
-        if not conn.in_room:
+        room = self._rooms.get(conn.room) if conn.room is not None else None
+        if room is None or not room.holds(conn):
             return
-        conn.in_room = False
-        room = self._rooms[conn.room]  # type: ignore[index]
-        room.json_view.pop(conn, None)
-        room.text_view.pop(conn, None)
-        room.syncing.pop(conn, None)
-        room.catching_up.pop(conn, None)
-        clients = room.clients[conn.client_id]
-        clients.remove(conn)
-        if not clients:
-            del room.clients[conn.client_id]
-            if conn.client_id in room.joined:
-                room.joined.discard(conn.client_id)
-                self.broker.leave(room.name, conn.client_id)
+        if room.remove(conn) and conn.client_id in room.announced:
+            room.announced.discard(conn.client_id)
+            self.broker.leave(room.name, conn.client_id)
         if not room.clients:
-            if room.flush_timer is not None:
-                room.flush_timer.cancel()
+            if room.presence_timer is not None:
+                room.presence_timer.cancel()
             del self._rooms[room.name]
             # Once the subscription settles, even if it failed half way; the broker keeps it
             # when somebody has come back to the room meanwhile.
             room.subscribed.add_done_callback(lambda _: self.broker.unsubscribe(room.name))
 
+    # -- the broker's callbacks (BrokerListener) -------------------------------
+
     def local_members(self) -> dict[str, list[str]]:
         """Client ids this process has announced, per room (the Redis broker's heartbeat)."""
-        return {name: list(room.joined) for name, room in self._rooms.items() if room.joined}
+        return {name: list(room.announced) for name, room in self._rooms.items() if room.announced}
 
     def has_room(self, name: str) -> bool:
         """Whether this process has anyone in ``name``."""
         return name in self._rooms
 
     def resync(self, room_name: str) -> None:
-        """The broker may have missed messages: ask room-protocol clients to reconnect with ``since``."""
+        """The broker may have missed messages: room-protocol clients reconnect with ``since`` (1012)."""
         room = self._rooms.get(room_name)
         if room is not None:
-            for conn in [*room.json_view, *room.syncing, *room.catching_up]:
-                conn.close(status.WS_1012_SERVICE_RESTART, "broker reconnected; reconnect with since to resume")
+            for conn in room.protocol_members():
+                self.close(conn, WS_1012_SERVICE_RESTART, "broker reconnected; reconnect with since to resume")
 
-    # -- delivery (called by the broker) -------------------------------------
-
-    def deliver(self, room_name: str, message: dict, frame: str) -> None:
+    def deliver(self, room_name: str, message: dict, frame: str, epoch: str) -> None:
         """Fan one stored message out to this process's members of its room."""
         room = self._rooms.get(room_name)
         if room is None:
             return
         message_id = message["id"]
-        if message_id <= room.last_id:
-            # Ids only grow within a sequence: this one started again (a flushed Redis).
+        if not room.continues(epoch, message_id):
+            # The sequence started again (a flushed Redis): ids from before mean nothing now,
+            # so every room-protocol member, whatever its phase, resumes with since.
             self.resync(room_name)
-        room.last_id = message_id
-        delivered = self._fan_out(room, text_message(frame), message_id)
+        room.epoch, room.last_id = epoch, message_id
+        delivered = room.fan_out(text_message(frame), message_id)
         if room.text_view:
             delivered += self._deliver_text(room, message)
         self.messages_out += delivered
-
-    def _fan_out(self, room: Room, shared: dict, message_id: int | None = None) -> int:
-        """Hand one shared message to the room's protocol connections, each in its state."""
-        for conn in room.json_view:
-            conn.push_message(shared)
-        delivered = len(room.json_view)
-        for conn, replayed in list(room.catching_up.items()) if room.catching_up else ():
-            if message_id is None or message_id > replayed:
-                if message_id is not None:   # caught up: from now on an ordinary member
-                    del room.catching_up[conn]
-                    room.json_view[conn] = None
-                conn.push_message(shared)
-                delivered += 1
-        for pending in room.syncing.values():
-            pending.append((message_id, shared))
-        return delivered
 
     def _deliver_text(self, room: Room, message: dict) -> int:
         sender, text = message["from"], message["text"]
         own = text_message(f"You wrote: {text}")
         others = text_message(f"Client #{sender} says: {text}")
-        for conn in room.text_view:
+        for conn in tuple(room.text_view):
             conn.push_message(own if conn.client_id == sender else others)
         return len(room.text_view)
 
@@ -843,16 +1096,14 @@ class ConnectionManager:
             rooms = [self._rooms[room_name]] if room_name in self._rooms else []
         sender, recipient, text = message["from"], message["to"], message["text"]
         for room in rooms:
-            frame = encode({**message, "room": room.name})
+            shared = text_message(encode({**message, "room": room.name}))
             for client_id in dict.fromkeys((recipient, sender)):
-                for conn in room.clients.get(client_id, ()):
+                for conn in tuple(room.clients.get(client_id, ())):
                     if conn.view == TEXT_VIEW:
                         conn.push(f"You wrote: {text}" if client_id == sender
                                   else f"Client #{sender} says to you: {text}")
-                    elif conn in room.syncing:
-                        room.syncing[conn].append((None, text_message(frame)))
                     else:
-                        conn.push(frame)
+                        room.send_to(conn, shared)
                     self.messages_out += 1
 
     def presence_changed(self, room_name: str, client_id: str, joined: bool) -> None:
@@ -862,29 +1113,29 @@ class ConnectionManager:
             return
         if room.text_view:
             line = text_message(f"Client #{client_id} {'joined' if joined else 'left'} the chat")
-            for conn in room.text_view:
+            for conn in tuple(room.text_view):
                 if conn.client_id != client_id:
                     conn.push_message(line)
-        if room.changes.get(client_id) is (not joined):
-            del room.changes[client_id]   # joined and left again within one interval: no news
+        if room.presence_pending.get(client_id) is (not joined):
+            del room.presence_pending[client_id]   # joined and left again within one interval: no news
         else:
-            room.changes[client_id] = joined
-        if room.flush_timer is None:
+            room.presence_pending[client_id] = joined
+        if room.presence_timer is None:
             # Big rooms hear about presence less often, so a connect storm into a room
             # of thousands costs each member a few frames, not one every interval.
-            delay = max(self.settings.presence_interval, len(room.json_view) / PRESENCE_FRAMES_PER_SECOND)
-            room.flush_timer = self.loop.call_later(delay, self._flush_presence, room)
+            delay = max(self.settings.presence_interval, len(room.live) / PRESENCE_FRAMES_PER_SECOND)
+            room.presence_timer = self.loop.call_later(delay, self._flush_presence, room)
 
     def _flush_presence(self, room: Room) -> None:
         # At most one presence frame per room per interval, shared by every member, so
         # a join storm costs each member a few frames rather than one per joiner.
-        room.flush_timer = None
-        changes, room.changes = room.changes, {}
+        room.presence_timer = None
+        changes, room.presence_pending = room.presence_pending, {}
         joined = [client_id for client_id, came in changes.items() if came]
         left = [client_id for client_id, came in changes.items() if not came]
-        if not (joined or left):
-            return
-        self._fan_out(room, text_message(presence_frame(room.name, joined, left, self.broker.count(room.name))))
+        if joined or left:
+            frame = presence_frame(room.name, joined, left, self.broker.count(room.name))
+            room.fan_out(text_message(frame))
 
     # -- the room protocol ---------------------------------------------------
 
@@ -903,14 +1154,14 @@ class ConnectionManager:
                 await self.broker.publish(conn.room, conn.client_id, command.text)  # type: ignore[arg-type]
             else:
                 await self._send_direct(conn, command.to, command.text)
-        except BrokerUnavailable as exc:
-            conn.send_error(f"not delivered, the broker is unavailable: {exc}")
+        except (BrokerUnavailable, RoomLimitReached) as exc:
+            conn.send_error(f"not delivered: {_close_reason(exc)}")
 
     async def handle_text(self, conn: Connection, text: str) -> None:
         """Act on one lobby text-view frame: the whole frame is the message."""
         try:
             await self.broker.publish(conn.room, conn.client_id, checked_text(text))  # type: ignore[arg-type]
-        except (ProtocolError, BrokerUnavailable) as exc:
+        except (ProtocolError, BrokerUnavailable, RoomLimitReached) as exc:
             conn.send_error(str(exc))
 
     async def _send_direct(self, conn: Connection, to: str, text: str) -> None:
@@ -927,7 +1178,8 @@ class ConnectionManager:
         """Publish a message to a room as ``sender``: stored, numbered, delivered to every member.
 
         Raises ValueError for a bad room name, sender or text, BrokerUnavailable when
-        the broker cannot be reached. Returns the stored message."""
+        the broker cannot be reached, RoomLimitReached when it would create a room over
+        ``max_rooms``. Returns the stored message."""
         _check_room(room)
         if not valid_client_id(sender):
             raise ValueError(f"sender must be 1-64 characters without control characters, got {sender!r}")
@@ -962,21 +1214,23 @@ class ConnectionManager:
     async def broadcast(self, message: str, *, room: str | None = None) -> int:
         """Send ``message`` as is to every connection (of ``room``) in this process.
 
-        Like the tutorial's broadcast, without its flaw: nothing here waits for a socket.
-        For chat messages with ids and history use ``publish``. Returns the number of
-        connections reached."""
+        Like the tutorial's broadcast, without its flaw: nothing here waits for a socket,
+        and a client still joining gets it after its welcome. For chat messages with ids
+        and history use ``publish``. Returns the number of connections reached."""
         shared = text_message(message)
         if room is None:
-            targets = list(self._connections.values())
-            reached = len(targets)
+            rooms = list(self._rooms.values())
+            roomless = [conn for conn in self._connections.values() if conn.room is None]
         else:
-            found = self._rooms.get(room)
-            if found is None:
-                return 0
-            targets = list(found.text_view)
-            reached = len(targets) + self._fan_out(found, shared)   # after the welcome of anyone joining
-        for conn in targets:
+            rooms = [self._rooms[room]] if room in self._rooms else []
+            roomless = []
+        reached = len(roomless)
+        for conn in roomless:
             conn.push_message(shared)
+        for found in rooms:
+            reached += found.fan_out(shared) + len(found.text_view)
+            for conn in tuple(found.text_view):
+                conn.push_message(shared)
         self.messages_out += reached
         return reached
 
@@ -1018,18 +1272,50 @@ def _check_room(room: str) -> None:
         raise ValueError(f"room must be 1-64 of A-Z a-z 0-9 _ . -, got {room!r}")
 
 
+def _close_reason(exc: BaseException) -> str:
+    """A reason for a close frame or error frame (close reasons are limited to 123 bytes)."""
+    text = f"broker unavailable: {exc}" if isinstance(exc, BrokerUnavailable) else str(exc)
+    return text[:120]
+
+
 # ---------------------------------------------------------------------------
 # Brokers: where ids, history and presence live
 # ---------------------------------------------------------------------------
 
+class BrokerListener(Protocol):
+    """Every call a broker makes into its manager (the ConnectionManager).
+
+    The delivery callbacks come for every event, this process's own included, and may
+    come before or after the broker call that caused them returns: the memory broker
+    calls ``deliver`` inside ``publish``; the Redis broker calls it from its listener
+    task, usually a little after ``publish`` returns.
+    """
+
+    def deliver(self, room: str, message: dict, frame: str, epoch: str) -> None:
+        """A stored message (``frame`` is its encoding) of the sequence ``epoch``."""
+
+    def deliver_direct(self, room: str | None, message: dict) -> None:
+        """A direct message, in ``room`` or (None) wherever its recipient is."""
+
+    def presence_changed(self, room: str, client_id: str, joined: bool) -> None:
+        """A client id gained its first or lost its last connection to ``room``, on any process."""
+
+    def resync(self, room: str) -> None:
+        """Deliveries for ``room`` may have been missed (the broker reconnected)."""
+
+    def local_members(self) -> dict[str, list[str]]:
+        """Client ids this process has in each room (for the broker's heartbeat)."""
+
+    def has_room(self, room: str) -> bool:
+        """Whether this process still has anyone in ``room``."""
+
+
 class Broker(Protocol):
-    """What the manager needs from a broker. ``deliver``, ``deliver_direct`` and
-    ``presence_changed`` of the manager are called back for every event, including
-    this process's own."""
+    """What the manager needs from a broker; see ``BrokerListener`` for the other direction."""
 
     url: str
 
-    async def start(self, manager: ConnectionManager) -> None: ...
+    async def start(self, listener: BrokerListener) -> None: ...
     async def stop(self) -> None: ...
     def health(self) -> tuple[bool, str]: ...
     async def publish(self, room: str, sender: str, text: str) -> dict: ...
@@ -1046,38 +1332,43 @@ class Broker(Protocol):
     async def rooms(self) -> dict[str, int]: ...
 
 
-def broker_from_url(url: str, *, history: int = 100) -> Broker:
+def broker_from_url(url: str, *, history: int = 100, max_rooms: int = 10_000) -> Broker:
     """``memory://`` or ``redis://host:port/db``; Redis is imported only when asked for."""
     if urlsplit(url).scheme == "memory":
-        return MemoryBroker(history=history)
+        return MemoryBroker(history=history, max_rooms=max_rooms)
     return RedisBroker(url, history=history)
 
 
 @dataclass
-class _Sequence:
+class _MemoryRoom:
     epoch: str
+    retained: deque
     last_id: int = 0
-    retained: deque = field(default_factory=deque)
+    members: dict[str, None] = field(default_factory=dict)
+    subscribers: int = 0         # managers' subscriptions (one per local Room)
 
 
 class MemoryBroker:
     """Everything in this process: the embedded default, and the double for tests.
 
-    A room's sequence starts with its first member or message and lasts as long as the
-    broker; a restarted broker starts every room again under a new epoch, so ids from
-    before the restart are never trusted.
+    A room's sequence starts with its first message and lasts as long as the broker, so
+    ids never restart while the process runs; a restarted broker starts every room
+    again under a new epoch, so ids from before the restart are never trusted. A room
+    is held while it has members or once it has had a message, and at most
+    ``max_rooms`` rooms are held: a join or message that would create another raises
+    RoomLimitReached. A room that was only joined is forgotten when its last member leaves.
     """
 
     url = "memory://"
 
-    def __init__(self, *, history: int = 100) -> None:
+    def __init__(self, *, history: int = 100, max_rooms: int = 10_000) -> None:
         self._history = history
-        self._manager: ConnectionManager | None = None
-        self._sequences: dict[str, _Sequence] = {}
-        self._members: dict[str, dict[str, None]] = {}
+        self._max_rooms = max_rooms
+        self._listener: BrokerListener | None = None
+        self._rooms: dict[str, _MemoryRoom] = {}
 
-    async def start(self, manager: ConnectionManager) -> None:
-        self._manager = manager
+    async def start(self, listener: BrokerListener) -> None:
+        self._listener = listener
 
     async def stop(self) -> None:
         pass
@@ -1085,66 +1376,77 @@ class MemoryBroker:
     def health(self) -> tuple[bool, str]:
         return True, "ok"
 
-    def _sequence(self, room: str) -> _Sequence:
-        sequence = self._sequences.get(room)
-        if sequence is None:
-            sequence = self._sequences[room] = _Sequence(epoch=secrets.token_hex(6),
-                                                         retained=deque(maxlen=self._history))
-        return sequence
+    def _room(self, name: str) -> _MemoryRoom:
+        room = self._rooms.get(name)
+        if room is None:
+            if len(self._rooms) >= self._max_rooms:
+                raise RoomLimitReached(f"too many rooms: this server holds at most {self._max_rooms}")
+            room = self._rooms[name] = _MemoryRoom(epoch=secrets.token_hex(6), retained=deque(maxlen=self._history))
+        return room
+
+    def _forget_if_idle(self, name: str) -> None:
+        room = self._rooms.get(name)
+        if room is not None and not (room.members or room.subscribers or room.last_id):
+            del self._rooms[name]   # nothing to remember: no member, and no id was ever given out
 
     async def publish(self, room: str, sender: str, text: str) -> dict:
-        sequence = self._sequence(room)
+        sequence = self._room(room)
         sequence.last_id += 1
         message = message_event(room, sequence.last_id, sender, text)
         frame = encode(message)
         if self._history:
             sequence.retained.append((message, frame))
-        self._manager.deliver(room, message, frame)  # type: ignore[union-attr]
+        self._listener.deliver(room, message, frame, sequence.epoch)  # type: ignore[union-attr]
+        self._forget_if_idle(room)
         return message
 
     async def direct(self, room: str | None, message: dict) -> None:
-        self._manager.deliver_direct(room, message)  # type: ignore[union-attr]
+        self._listener.deliver_direct(room, message)  # type: ignore[union-attr]
 
     async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
-        sequence = self._sequences.get(room)
+        sequence = self._rooms.get(room)
         if sequence is None:
-            if room not in self._members:
-                return "", 0, []   # reading an unknown room does not create it
-            sequence = self._sequence(room)
+            return "", 0, []   # reading an unknown room does not create it
         return sequence.epoch, sequence.last_id, list(sequence.retained)
 
     async def subscribe(self, room: str) -> None:
-        pass
+        self._room(room).subscribers += 1
 
     def unsubscribe(self, room: str) -> None:
-        pass
+        found = self._rooms.get(room)
+        if found is not None:
+            found.subscribers -= 1
+            self._forget_if_idle(room)
 
     def join(self, room: str, client_id: str) -> None:
-        self._members.setdefault(room, {})[client_id] = None
-        self._manager.presence_changed(room, client_id, True)  # type: ignore[union-attr]
+        self._room(room).members[client_id] = None
+        self._listener.presence_changed(room, client_id, True)  # type: ignore[union-attr]
 
     def leave(self, room: str, client_id: str) -> None:
-        members = self._members.get(room, {})
-        members.pop(client_id, None)
-        if not members:
-            self._members.pop(room, None)
-        self._manager.presence_changed(room, client_id, False)  # type: ignore[union-attr]
+        found = self._rooms.get(room)
+        if found is not None:
+            found.members.pop(client_id, None)
+            self._forget_if_idle(room)
+        self._listener.presence_changed(room, client_id, False)  # type: ignore[union-attr]
 
     def count(self, room: str) -> int:
-        return len(self._members.get(room, ()))
+        found = self._rooms.get(room)
+        return len(found.members) if found is not None else 0
 
     async def roster(self, room: str, limit: int) -> tuple[list[str], int]:
-        members = self._members.get(room, {})
-        return list(itertools.islice(members, limit)), len(members)
+        members = await self.members(room)
+        return members[:limit], len(members)
 
     async def members(self, room: str) -> list[str]:
-        return list(self._members.get(room, ()))
+        found = self._rooms.get(room)
+        return list(found.members) if found is not None else []
 
     async def is_member(self, room: str, client_id: str) -> bool:
-        return client_id in self._members.get(room, ())
+        found = self._rooms.get(room)
+        return found is not None and client_id in found.members
 
     async def rooms(self) -> dict[str, int]:
-        return {room: len(members) for room, members in self._members.items()}
+        return {name: len(room.members) for name, room in self._rooms.items() if room.members}
 
 
 class RedisBroker:
@@ -1155,23 +1457,53 @@ class RedisBroker:
     * ``room:R`` hash: ``id``, the last message id (HINCRBY), and ``epoch``;
     * ``room:R:history`` list: the last ``history`` frames, appended in the same Lua
       script that takes the id and publishes, so ids, history and fan-out agree;
+    * ``room:R:sent:NONCE``: the id a publish got, kept ``RECEIPT_TTL`` seconds, so a
+      retried script returns that id instead of storing the message again;
     * ``room:R:members`` sorted set of ``"NODE CLIENT_ID"`` scored by expiry time,
       refreshed by each process's heartbeat; a crashed process's members expire;
     * ``rooms`` sorted set of room names scored by expiry time.
 
     Channels: ``wschat:room:R`` carries the room's messages, direct messages and
-    presence; ``wschat:nodes`` carries direct messages sent without a room. Each
-    process holds one pub/sub connection, subscribed to a room only while it has
+    presence; ``wschat:nodes`` carries direct messages sent without a room. Payloads
+    on both start with one letter that says what follows:
+
+    * ``m<epoch> <frame>`` (``PAYLOAD_MESSAGE``): a stored message of the sequence
+      ``epoch``; ``frame`` is the message frame exactly as clients receive it;
+    * ``d<json>`` (``PAYLOAD_DIRECT``): a direct message, never stored;
+    * ``p+<node> <client id>`` and ``p-...`` (``PAYLOAD_PRESENCE``): a client id joined
+      or left on one process.
+
+    Each process holds one pub/sub connection, subscribed to a room only while it has
     members there. When that connection is lost the broker reconnects with backoff,
     resubscribes, and asks its room clients to reconnect with ``since``, because
     messages published meanwhile never reached it.
+
+    A publish is stored at most once and, once its sender has been told "not
+    delivered", never later: the script carries a nonce (retries return the first id)
+    and a deadline in Redis's own clock, after which it refuses to run; the broker
+    gives up on the answer only after that deadline. A health probe asks Redis the
+    time every second on a connection of its own, so a Redis that stops answering
+    shows in ``/healthz`` within seconds, and the answer keeps the clock offset that
+    deadlines are written in.
     """
 
     PREFIX = "wschat:"
     ROOM_PREFIX = "wschat:room:"        # room:R keys, and the room's channel
     ROOMS = "wschat:rooms"
     NODES_CHANNEL = "wschat:nodes"
+    PAYLOAD_MESSAGE, PAYLOAD_DIRECT, PAYLOAD_PRESENCE = "m", "d", "p"
+    POOL_SIZE = 64              # connections per process; more callers wait their turn instead of failing
+    POOL_WAIT = 5.0             # seconds a caller waits for a pooled connection
+    PUBLISH_DEADLINE = 3.0      # seconds after sending, in Redis's clock, past which the script refuses to run
+    PUBLISH_TIMEOUT = 4.5       # seconds the broker waits for the script's answer (after the deadline, with margin)
+    RECEIPT_TTL = 10            # seconds a publish's nonce is remembered: longer than any retry
+    HEALTH_INTERVAL = 1.0       # seconds between health probes
+    HEALTH_TIMEOUT = 2.0        # a probe unanswered this long: /healthz says Redis is not answering
     PUBLISH_SCRIPT = """
+        local stored = redis.call('GET', KEYS[3])
+        if stored then return tonumber(stored) end
+        local now = redis.call('TIME')
+        if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then return 0 end
         redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
         local id = redis.call('HINCRBY', KEYS[1], 'id', 1)
         if id == 1 then redis.call('DEL', KEYS[2]) end
@@ -1181,7 +1513,9 @@ class RedisBroker:
             redis.call('RPUSH', KEYS[2], frame)
             redis.call('LTRIM', KEYS[2], -keep, -1)
         end
-        redis.call('PUBLISH', ARGV[5], 'm' .. frame)
+        redis.call('SET', KEYS[3], id, 'EX', ARGV[7])
+        local epoch = redis.call('HGET', KEYS[1], 'epoch')
+        redis.call('PUBLISH', ARGV[5], 'm' .. epoch .. ' ' .. frame)
         return id
     """
 
@@ -1196,7 +1530,7 @@ class RedisBroker:
         self.presence_ttl = presence_ttl or url_ttl or 15.0
         self._history = history
         self._node = secrets.token_hex(6)
-        self._manager: ConnectionManager | None = None
+        self._listener: BrokerListener | None = None
         self._client: Any = None
         self._pubsub: Any = None
         self._script: Any = None
@@ -1210,21 +1544,27 @@ class RedisBroker:
         self._listening = False          # the pub/sub connection is up and subscribed
         self._lost = False               # it went down since: rooms need a resync
         self._error: str | None = None   # the last command's failure, until one succeeds
+        self._stalled: str | None = None # the health probe's failure, until a probe is answered
+        self._clock_offset = 0.0         # Redis's clock minus ours, from the health probe
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _new_client(self) -> Any:
+    def _new_client(self, *, pool_size: int | None = None) -> Any:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
         # Fail fast (one retry covers a pooled connection that went stale) and let the
-        # broker decide: callers get an error frame, not a hang.
-        return self._aioredis.Redis.from_url(self._redis_url, decode_responses=True, retry=Retry(NoBackoff(), 1),
-                                             socket_connect_timeout=2, socket_timeout=5)
+        # broker decide: callers get an error frame, not a hang. A blocking pool makes a
+        # burst of callers (a thousand joins at once) wait for a connection rather than
+        # fail with "Too many connections", which redis-py's default pool does at 100.
+        pool = self._aioredis.BlockingConnectionPool.from_url(
+            self._redis_url, max_connections=pool_size or self.POOL_SIZE, timeout=self.POOL_WAIT,
+            decode_responses=True, retry=Retry(NoBackoff(), 1), socket_connect_timeout=2, socket_timeout=5)
+        return self._aioredis.Redis(connection_pool=pool)
 
     async def ping(self) -> None:
         """Raise BrokerUnavailable unless Redis answers now (``serve`` checks this before starting)."""
-        client = self._new_client()
+        client = self._new_client(pool_size=1)
         try:
             await asyncio.wait_for(client.ping(), 5)
         except Exception as exc:
@@ -1232,15 +1572,16 @@ class RedisBroker:
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
+                await client.connection_pool.disconnect()
 
-    async def start(self, manager: ConnectionManager) -> None:
-        self._manager = manager
+    async def start(self, listener: BrokerListener) -> None:
+        self._listener = listener
         self._client = self._new_client()
         self._script = self._client.register_script(self.PUBLISH_SCRIPT)
         self._commands = asyncio.Queue()
         self._subscription_lock = asyncio.Lock()
         self._first_attempt = asyncio.Event()   # set once the listener connected or failed
-        for job in (self._listen(), self._run_commands(), self._heartbeat()):
+        for job in (self._listen(), self._run_commands(), self._heartbeat(), self._probe_health()):
             task = asyncio.ensure_future(job)
             self._tasks.add(task)
         # Be ready before the server accepts clients, but never block start-up for long:
@@ -1257,16 +1598,19 @@ class RedisBroker:
             await asyncio.wait_for(self._withdraw_members(), 2)
         with contextlib.suppress(Exception):
             await self._client.aclose()
+            await self._client.connection_pool.disconnect()
 
     async def _withdraw_members(self) -> None:
         pipe = self._client.pipeline(transaction=False)
-        for room, client_ids in self._manager.local_members().items():  # type: ignore[union-attr]
+        for room, client_ids in self._listener.local_members().items():  # type: ignore[union-attr]
             for client_id in client_ids:
                 pipe.zrem(self._key(room, "members"), self._member(client_id))
-                pipe.publish(self._channel(room), f"p-{self._member(client_id)}")
+                pipe.publish(self._channel(room), f"{self.PAYLOAD_PRESENCE}-{self._member(client_id)}")
         await pipe.execute()
 
     def health(self) -> tuple[bool, str]:
+        if self._stalled is not None:
+            return False, self._stalled
         if self._error is not None:
             return False, self._error
         if not self._listening:
@@ -1280,13 +1624,40 @@ class RedisBroker:
         self._error = f"redis unreachable: {reason}"
         return BrokerUnavailable(reason)
 
-    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+    async def _call(self, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
         try:
-            result = await awaitable
+            result = await asyncio.wait_for(awaitable, timeout) if timeout else await awaitable
         except (OSError, asyncio.TimeoutError, self._aioredis.RedisError) as exc:
             raise self._failed(exc) from None
         self._error = None
         return result
+
+    async def _probe_health(self) -> None:
+        """Every HEALTH_INTERVAL, ask Redis the time on a connection of its own (a full pool
+        must not look like a dead Redis): unanswered within HEALTH_TIMEOUT, Redis is stalled."""
+        client = self._new_client(pool_size=1)
+        try:
+            while True:
+                sent = time.time()
+                try:
+                    seconds, micros = await asyncio.wait_for(client.time(), self.HEALTH_TIMEOUT)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if self._stalled is None:
+                        logger.warning("redis broker %s not answering: %s", mask_url(self.url), _describe_error(exc))
+                    self._stalled = f"redis not answering: {_describe_error(exc)}"
+                else:
+                    answered = time.time()
+                    self._clock_offset = seconds + micros / 1e6 - (sent + answered) / 2
+                    if self._stalled is not None:
+                        logger.warning("redis broker %s answering again", mask_url(self.url))
+                    self._stalled = None
+                await asyncio.sleep(self.HEALTH_INTERVAL)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+                await client.connection_pool.disconnect()
 
     # -- names ---------------------------------------------------------------
 
@@ -1316,15 +1687,20 @@ class RedisBroker:
         message = message_event(room, 0, sender, text)
         body = {key: value for key, value in message.items() if key not in ("type", "id")}
         head, tail = '{"type":"message","id":', "," + encode(body)[1:]
-        message_id = await self._call(self._script(
-            keys=[self._key(room), self._key(room, "history")],
-            args=[secrets.token_hex(6), head, tail, self._history, self._channel(room)]))
-        message["id"] = int(message_id)
+        deadline_ms = int((time.time() + self._clock_offset + self.PUBLISH_DEADLINE) * 1000)
+        receipt = self._key(room, "sent", secrets.token_hex(8))
+        message_id = int(await self._call(self._script(
+            keys=[self._key(room), self._key(room, "history"), receipt],
+            args=[secrets.token_hex(6), head, tail, self._history, self._channel(room), deadline_ms,
+                  self.RECEIPT_TTL]), timeout=self.PUBLISH_TIMEOUT))
+        if not message_id:
+            raise self._failed(TimeoutError("redis ran the publish after its deadline; not stored"))
+        message["id"] = message_id
         return message
 
     async def direct(self, room: str | None, message: dict) -> None:
         channel = self._channel(room) if room else self.NODES_CHANNEL
-        await self._call(self._client.publish(channel, "d" + encode(message)))
+        await self._call(self._client.publish(channel, self.PAYLOAD_DIRECT + encode(message)))
 
     async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
         pipe = self._client.pipeline(transaction=True)
@@ -1361,7 +1737,7 @@ class RedisBroker:
 
     async def _unsubscribe(self, room: str) -> None:
         async with self._subscription_lock:  # type: ignore[union-attr]
-            if room not in self._subscribed or self._manager.has_room(room):  # type: ignore[union-attr]
+            if room not in self._subscribed or self._listener.has_room(room):  # type: ignore[union-attr]
                 return   # never subscribed, or somebody came back meanwhile
             self._subscribed.discard(room)
             self._view.pop(room, None)
@@ -1417,7 +1793,7 @@ class RedisBroker:
             self._lost = False
             logger.warning("redis broker %s reachable again", mask_url(self.url))
             for room in list(self._subscribed):
-                self._manager.resync(room)  # type: ignore[union-attr]
+                self._listener.resync(room)  # type: ignore[union-attr]
             self._spawn(self._refresh_presence())
 
     def _dispatch(self, message: dict) -> None:
@@ -1432,11 +1808,12 @@ class RedisBroker:
         data = message["data"]
         room = channel[len(self.ROOM_PREFIX):] if channel.startswith(self.ROOM_PREFIX) else None
         tag, body = data[:1], data[1:]
-        if tag == "m" and room is not None:
-            self._manager.deliver(room, json.loads(body), body)  # type: ignore[union-attr]
-        elif tag == "d":
-            self._manager.deliver_direct(room, json.loads(body))  # type: ignore[union-attr]
-        elif tag == "p" and room is not None:
+        if tag == self.PAYLOAD_MESSAGE and room is not None:
+            epoch, _, frame = body.partition(" ")
+            self._listener.deliver(room, json.loads(frame), frame, epoch)  # type: ignore[union-attr]
+        elif tag == self.PAYLOAD_DIRECT:
+            self._listener.deliver_direct(room, json.loads(body))  # type: ignore[union-attr]
+        elif tag == self.PAYLOAD_PRESENCE and room is not None:
             node, client_id = self._split_member(body[1:])
             if node != self._node:
                 self._apply_presence(room, node, client_id, body[:1] == "+")
@@ -1460,14 +1837,14 @@ class RedisBroker:
         if joined:
             if nodes is None:
                 members[client_id] = {node}
-                self._manager.presence_changed(room, client_id, True)  # type: ignore[union-attr]
+                self._listener.presence_changed(room, client_id, True)  # type: ignore[union-attr]
             else:
                 nodes.add(node)
         elif nodes is not None and node in nodes:
             nodes.discard(node)
             if not nodes:
                 del members[client_id]
-                self._manager.presence_changed(room, client_id, False)  # type: ignore[union-attr]
+                self._listener.presence_changed(room, client_id, False)  # type: ignore[union-attr]
 
     async def _run_commands(self) -> None:
         """Write joins and leaves in order, batching what queued up meanwhile (a join storm)."""
@@ -1489,10 +1866,10 @@ class RedisBroker:
         for action, room, client_id in batch:
             if action == "join":
                 self._renew(pipe, room, [client_id], expiry)
-                pipe.publish(self._channel(room), f"p+{self._member(client_id)}")
+                pipe.publish(self._channel(room), f"{self.PAYLOAD_PRESENCE}+{self._member(client_id)}")
             else:
                 pipe.zrem(self._key(room, "members"), self._member(client_id))
-                pipe.publish(self._channel(room), f"p-{self._member(client_id)}")
+                pipe.publish(self._channel(room), f"{self.PAYLOAD_PRESENCE}-{self._member(client_id)}")
         await self._call(pipe.execute())
 
     async def _heartbeat(self) -> None:
@@ -1513,7 +1890,7 @@ class RedisBroker:
         now = time.time()
         expiry = now + self.presence_ttl
         renew = self._client.pipeline(transaction=False)
-        for room, client_ids in self._manager.local_members().items():  # type: ignore[union-attr]
+        for room, client_ids in self._listener.local_members().items():  # type: ignore[union-attr]
             self._renew(renew, room, client_ids, expiry)
         renew.zremrangebyscore(self.ROOMS, "-inf", now)
         await self._call(renew.execute())
@@ -1715,8 +2092,9 @@ def _credentials(connection: HTTPConnection) -> list[str]:
     return [credential for credential in found if credential]
 
 
-_SECRET_PARAMETER = re.compile(r"(?i)\b(token|session|password|access_token)=[^&\s\"']*")
-_BEARER_VALUE = re.compile(r"(?i)\b(bearer)\s+[^\s\"']+")
+# A value runs to the next separator; a quoted cookie value (session="ab12") to its closing quote.
+_SECRET_PARAMETER = re.compile(r"(?i)\b(token|session|password|access_token)=(\"[^\"]*\"?|[^&\s\"';,]*)")
+_BEARER_VALUE = re.compile(r"(?i)\b(bearer)\s+\"?[^\s\"']+\"?")
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]+@")
 
 
@@ -1780,7 +2158,14 @@ class PostedMessage(BaseModel):
     sender: str | None = Field(default=None, alias="from", min_length=1, max_length=64)
 
 
-RoomName = Path(pattern=ROOM_PATTERN, description="1-64 of A-Z a-z 0-9 _ . -")
+BODY_OVERHEAD = 4096   # bytes a request body may have beyond max_message_size (JSON quoting, "from")
+
+
+def _room_param(room: str = Path(description="1-64 of A-Z a-z 0-9 _ . -")) -> str:
+    """The ``{room}`` of an HTTP route, checked as the WebSocket routes check it."""
+    if not valid_room(room):
+        raise HTTPException(422, f"room must be 1-64 of A-Z a-z 0-9 _ . -, got {room!r}")
+    return room
 
 
 def create_app(*, authenticate: Authenticate | None = None, **settings: Any) -> FastAPI:
@@ -1798,7 +2183,10 @@ def create_app(*, authenticate: Authenticate | None = None, **settings: Any) -> 
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.chat = chat
     app.state.gatekeeper = gate
-    app.add_middleware(_WebSocketRouter, routes=_websocket_routes(chat, gate))
+    app.add_middleware(_WebSocketRouter, routes=_websocket_routes(chat, gate),
+                       max_body=config.max_message_size + BODY_OVERHEAD)
+    if config.allowed_hosts:
+        app.add_middleware(_HostGuard, allowed_hosts=config.allowed_hosts)
     _redact_uvicorn_logs(config.tokens)
     _add_http_routes(app, chat, gate)
     return app
@@ -1838,18 +2226,21 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
         return {"rooms": [{"room": name, "count": count} for name, count in sorted(counts.items())]}
 
     @app.get("/rooms/{room}/members", dependencies=[Depends(access)])
-    async def members(room: str = RoomName) -> dict:
+    async def members(room: str = Depends(_room_param)) -> dict:
         ids = await _broker_call(chat.members(room))
         return {"room": room, "members": ids, "count": len(ids)}
 
     @app.get("/rooms/{room}/messages", dependencies=[Depends(access)])
-    async def messages(room: str = RoomName, since: int | None = Query(None, ge=0),
+    async def messages(room: str = Depends(_room_param), since: int | None = Query(None, ge=0),
                        limit: int | None = Query(None, ge=1)) -> dict:
         return await _broker_call(chat.history_page(room, since=since, limit=limit))
 
     @app.post("/rooms/{room}/messages", status_code=status.HTTP_201_CREATED)
-    async def post_message(body: PostedMessage, room: str = RoomName,
-                           admission: Admission = Depends(access)) -> dict:
+    async def post_message(request: Request, admission: Admission = Depends(access),
+                           room: str = Depends(_room_param)) -> dict:
+        # The body is read here, after the token check and the rate limit, never before.
+        _check_post_rate(chat, request, admission)
+        body = _posted_message(await _read_body(request, chat.settings.max_message_size + BODY_OVERHEAD))
         sender = body.sender or admission.identity or "server"
         if admission.identity is not None and sender != admission.identity:
             raise HTTPException(status.HTTP_403_FORBIDDEN, '"from" must be your own identity')
@@ -1862,11 +2253,41 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
             raise HTTPException(422, str(exc)) from None   # Unprocessable Content
 
 
+def _check_post_rate(chat: ConnectionManager, request: Request, admission: Admission) -> None:
+    """``rate`` applies to POSTs too, per caller: its identity, else its address."""
+    key = admission.identity or (request.client.host if request.client else "")
+    wait = chat.post_limiter.retry_after(key, time.monotonic())
+    if wait:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                            f"rate limit exceeded: at most {chat.settings.rate:g} messages per second; not stored",
+                            headers={"Retry-After": str(math.ceil(wait))})
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _posted_message(raw: bytes) -> PostedMessage:
+    try:
+        return PostedMessage.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 async def _broker_call(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
     except BrokerUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"broker unavailable: {exc}") from None
+    except RoomLimitReached as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
 
 
 class _Endpoint:
@@ -1886,15 +2307,108 @@ class _WebSocketRouter:
     """Outermost ASGI middleware of wschat's app: its WebSocket routes go straight to
     their endpoints. FastAPI's per-request machinery (dependency solving, exit stacks,
     exception wrappers) is built for HTTP; held for the life of every open socket it
-    cost a quarter of each connection's memory (8 of 33 KB). Other paths go on to FastAPI.
+    cost a quarter of each connection's memory (8 of 33 KB). Other paths go on to FastAPI,
+    except a request that declares a body over ``max_body``: 413 before it is read.
     """
 
-    def __init__(self, app: Any, routes: list[WebSocketRoute]) -> None:
+    def __init__(self, app: Any, routes: list[WebSocketRoute], max_body: int) -> None:
         self.app = app
         self.router = Router(routes=routes, default=app)
+        self.max_body = max_body
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        await (self.router if scope["type"] == "websocket" else self.app)(scope, receive, send)
+        if scope["type"] == "websocket":
+            await self.router(scope, receive, send)
+        elif scope["type"] == "http" and _declared_length(scope) > self.max_body:
+            await _refuse_http(send, status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                               f"request body larger than {self.max_body} bytes")
+        else:
+            await self.app(scope, receive, send)
+
+
+def _declared_length(scope: dict) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+async def _refuse_http(send: Any, code: int, detail: str) -> None:
+    """An HTTP error answered by ASGI middleware, in FastAPI's shape (``{"detail": ...}``)."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _HostGuard:
+    """Against DNS rebinding (SPEC section 6): only requests whose ``Host`` is a loopback
+    name or address, or one of ``allowed_hosts`` (``*.example.com`` matches subdomains,
+    ``*`` anything), are served; any other gets HTTP 400, WebSocket handshakes too.
+
+    A page on ``evil.test`` whose name the attacker re-points at 127.0.0.1 reaches a
+    local server with ``Host: evil.test``; the Origin check alone cannot tell, because
+    the page is then same-origin with itself.
+    """
+
+    def __init__(self, app: Any, allowed_hosts: Iterable[str] = ()) -> None:
+        self.app = app
+        self.allowed = tuple(host.lower() for host in allowed_hosts)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and not self.host_allowed(_header(scope, b"host")):
+            await self._refuse(scope, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def host_allowed(self, host_header: str) -> bool:
+        host = _host_name(host_header)
+        if host is None:
+            return False
+        if _is_loopback(host) or "*" in self.allowed or host in self.allowed:
+            return True
+        return any(pattern.startswith("*.") and host.endswith(pattern[1:]) for pattern in self.allowed)
+
+    async def _refuse(self, scope: dict, send: Any) -> None:
+        logger.info("refused %s: Host %r is not allowed", scope.get("path"), _header(scope, b"host")[:100])
+        if scope["type"] == "http":
+            await _refuse_http(send, status.HTTP_400_BAD_REQUEST, "invalid Host header")
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            body = b"invalid Host header"
+            await send({"type": "websocket.http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": WS_1008_POLICY_VIOLATION})
+
+
+def _header(scope: dict, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _host_name(host_header: str) -> str | None:
+    """``example.com:8000`` -> ``example.com``, ``[::1]:8000`` -> ``[::1]``; None when malformed."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name, _, port = host.partition("]")
+        name += "]"
+        port = port[1:] if port.startswith(":") else (None if port else "")
+    else:
+        name, _, port = host.partition(":")
+    return name if name not in ("", "[]") and port is not None and (not port or port.isdigit()) else None
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 and ``[::1]``: names no DNS answer can take over."""
+    if host == "localhost":
+        return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    return False
 
 
 def _int_param(websocket: WebSocket, name: str, minimum: int | None = None) -> int | None:
@@ -1972,8 +2486,15 @@ def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper) -> list[WebSock
 
 
 # ---------------------------------------------------------------------------
-# Serving: uvicorn's WebSocket protocol, tuned for fan-out
+# Serving: uvicorn's protocols, bounded per connection and tuned for fan-out
 # ---------------------------------------------------------------------------
+
+MAX_REQUEST_HEAD = 64 * 1024     # bytes of request line and headers; a larger head is answered 431
+REQUEST_HEAD_TIMEOUT = 10.0      # seconds a request head may take to arrive; then the connection is dropped
+COALESCE_LIMIT = 64 * 1024       # bytes one tick's writes to a socket may gather before they are handed over
+DEFAULT_FRAME_LIMIT = 1024       # pongs held for a socket that no wschat connection is attached to
+_PONG = b"\x8a"                  # first byte of an unfragmented PONG frame (FIN + opcode 0xA)
+
 
 class _WriteBatcher:
     """One callback per event-loop tick flushes every socket written to during that tick."""
@@ -1982,9 +2503,9 @@ class _WriteBatcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._dirty: list[_CoalescingTransport] = []
+        self._dirty: list[_ServerTransport] = []
 
-    def mark(self, transport: _CoalescingTransport) -> None:
+    def mark(self, transport: _ServerTransport) -> None:
         if not self._dirty:
             self._loop.call_soon(self._flush)
         self._dirty.append(transport)
@@ -1995,53 +2516,164 @@ class _WriteBatcher:
             transport.flush()
 
 
-class _CoalescingTransport:
-    """Gathers one event-loop tick of writes to a socket into a single ``write``.
+class _ServerTransport:
+    """What wschat's protocols write to: the asyncio transport, with three duties added.
 
-    A fan-out hands each client several frames in a row; written one at a time they
-    cost a system call each, which profiling showed to be most of a delivery's cost.
-    Everything but ``write`` and ``close`` goes to the real transport.
+    * Coalescing. A fan-out hands each client several frames in a row; written one at
+      a time they cost a system call each, which profiling showed to be most of a
+      delivery's cost. One tick's writes become one ``write``, but they are handed over
+      as soon as they pass ``COALESCE_LIMIT`` bytes: the transport's own flow control
+      (``pause_writing`` above its high-water mark) must see them, or a loop publishing
+      thousands of messages without yielding would pile them up here, unbounded.
+    * Giving up. Once a close has begun (``close()`` with data still buffered, or a
+      closing handshake), the TCP connection is aborted ``CLOSE_TIMEOUT`` seconds later
+      unless it has ended: a peer that stops reading would otherwise hold it forever.
+    * Holding reads. ``hold_reading`` stops reading a client for a while (a ping flood
+      pays its debt); uvicorn's own pause and resume still work underneath.
+
+    Everything else goes to the real transport.
     """
 
-    __slots__ = ("_transport", "_batcher", "_chunks")
+    __slots__ = ("_transport", "_loop", "_batcher", "_chunks", "_size", "_give_up", "_hold", "_paused", "_ended")
 
-    def __init__(self, transport: asyncio.Transport, batcher: _WriteBatcher) -> None:
+    batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # one per event loop
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
+        self._loop = loop
+        batcher = self.batchers.get(loop)
+        if batcher is None:
+            batcher = self.batchers[loop] = _WriteBatcher(loop)
         self._batcher = batcher
         self._chunks: list[bytes] = []
+        self._size = 0
+        self._give_up: asyncio.TimerHandle | None = None
+        self._hold: asyncio.TimerHandle | None = None
+        self._paused = False      # reading paused by the protocol itself
+        self._ended = False
+
+    @classmethod
+    def wrap(cls, transport: Any, loop: asyncio.AbstractEventLoop) -> _ServerTransport:
+        """The same wrapper for the HTTP protocol and, after an upgrade, the WebSocket one."""
+        return transport if isinstance(transport, cls) else cls(transport, loop)
 
     def write(self, data: bytes) -> None:
         if not self._chunks:
             self._batcher.mark(self)
         self._chunks.append(data)
+        self._size += len(data)
+        if self._size > COALESCE_LIMIT:
+            self.flush()
 
     def flush(self) -> None:
-        chunks, self._chunks = self._chunks, []
+        chunks, self._chunks, self._size = self._chunks, [], 0
         if chunks and not self._transport.is_closing():
             self._transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def close(self) -> None:
         self.flush()
         self._transport.close()
+        self.give_up_later()
+
+    def give_up_later(self) -> None:
+        """Abort the connection CLOSE_TIMEOUT seconds from now unless it has ended by then."""
+        if self._give_up is None and not self._ended:
+            self._give_up = self._loop.call_later(CLOSE_TIMEOUT, self._transport.abort)
+
+    def hold_reading(self, seconds: float) -> None:
+        self._transport.pause_reading()
+        if self._hold is not None:
+            self._hold.cancel()
+        self._hold = self._loop.call_later(seconds, self._end_hold)
+
+    def _end_hold(self) -> None:
+        self._hold = None
+        if not self._paused and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        if self._hold is None:
+            self._transport.resume_reading()
+
+    def ended(self) -> None:
+        """The connection is lost: nothing is left to give up on or to hold."""
+        self._ended = True
+        for timer in (self._give_up, self._hold):
+            if timer is not None:
+                timer.cancel()
+        self._give_up = self._hold = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
 
 def coalescing_websocket_protocol(**kwargs: Any) -> asyncio.Protocol:
-    """uvicorn's websockets-sansio protocol, tuned for fan-out (``serve`` uses it).
+    """uvicorn's websockets-sansio protocol, bounded and tuned for fan-out (``serve`` uses it).
 
     Use it with your own uvicorn: ``uvicorn app:app --ws wschat:coalescing_websocket_protocol``.
+    Where this uvicorn lacks what it relies on, uvicorn's own protocol is used instead.
     """
-    return _coalescing_protocol_class()(**kwargs)
+    protocol_class = _websocket_protocol_class()
+    if protocol_class is None:
+        from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
+        return AutoWebSocketsProtocol(**kwargs)  # type: ignore[misc, operator]
+    return protocol_class(**kwargs)
+
+
+def bounded_http_protocol(**kwargs: Any) -> asyncio.Protocol:
+    """uvicorn's httptools protocol with request heads bounded in size and time (``serve`` uses it)."""
+    protocol_class = _http_protocol_class()
+    if protocol_class is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+        return AutoHTTPProtocol(**kwargs)  # type: ignore[misc, operator]
+    return protocol_class(**kwargs)
+
+
+# What the subclasses below rely on in uvicorn, checked against uvicorn 0.52.1 to 0.54.0
+# (the websockets-sansio protocol exists from 0.35, but `writable`, `disconnected` and
+# `pause_writing` only from 0.52.1). They override connection_made, connection_lost,
+# data_received, pause_writing, resume_writing, handle_connect, handle_ping,
+# send_receive_event_to_app, shutdown and send; they read the instance attributes named
+# below, call handle_parser_exception and stop_keepalive, and use websockets'
+# ServerProtocol (state, data_to_send, send_close; websockets 13 to 17). Where any of it
+# is missing, uvicorn's own protocol is used, with a warning: it works, without the
+# fast path and without the per-connection bounds of SPEC section 7.
+_SANSIO_NEEDS = ("connection_made", "connection_lost", "data_received", "pause_writing", "resume_writing",
+                 "handle_connect", "handle_ping", "send_receive_event_to_app", "shutdown", "send",
+                 "handle_parser_exception", "stop_keepalive")
+_SANSIO_ATTRIBUTES = ("transport", "loop", "conn", "connections", "close_sent", "disconnected", "handshake_complete",
+                      "initial_response", "writable", "close_timeout", "frames", "curr_msg_data_type", "logger")
+_HTTPTOOLS_NEEDS = ("connection_made", "connection_lost", "data_received", "on_headers_complete",
+                    "on_response_complete")
+_HTTPTOOLS_ATTRIBUTES = ("transport", "loop", "pipeline", "logger")
+
+
+def _lacks(cls: type, methods: Iterable[str], attributes: Iterable[str]) -> list[str]:
+    """What ``cls`` is missing: methods, and attributes its ``__init__`` never assigns."""
+    code = getattr(cls.__init__, "__code__", None)
+    assigned = set(code.co_names) if code is not None else set()
+    return [name for name in methods if not hasattr(cls, name)] + [name for name in attributes if name not in assigned]
 
 
 @functools.lru_cache(maxsize=None)
-def _coalescing_protocol_class() -> type:
-    from uvicorn.protocols.utils import ClientDisconnected
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    from websockets.frames import Frame, Opcode
-    from websockets.protocol import State
+def _websocket_protocol_class() -> type | None:
+    try:
+        from uvicorn.protocols.utils import ClientDisconnected
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+        from websockets.frames import Frame, Opcode
+        from websockets.protocol import State
+    except ImportError as exc:
+        logger.warning("uvicorn's websockets-sansio protocol is unavailable (%s): using uvicorn's own", exc)
+        return None
+    missing = _lacks(WebSocketsSansIOProtocol, _SANSIO_NEEDS, _SANSIO_ATTRIBUTES)
+    if missing:
+        logger.warning("this uvicorn's websockets-sansio protocol lacks %s: using uvicorn's own", ", ".join(missing))
+        return None
 
     def wire(message: dict) -> bytes:
         # Server frames are unmasked and compression is off: the bytes are the same for
@@ -2052,30 +2684,64 @@ def _coalescing_protocol_class() -> type:
         return framed
 
     class CoalescingWebSocketProtocol(WebSocketsSansIOProtocol):
-        """websockets-sansio with a few changes for fan-out.
+        """websockets-sansio with the changes fan-out and SPEC section 7 need.
 
-        Writes are coalesced per loop tick; a text message shared by many recipients is
-        framed once; the ``wschat.send_nowait`` scope extension writes a message at once
-        when the socket can take it (False when it cannot), so a fan-out needs no task
-        per recipient; and ``wschat.abort`` drops a client whose close frame cannot get
-        out because it stopped reading. Anything unusual (handshake, close, a
-        negotiated extension) takes uvicorn's own path.
+        Fast path: writes are coalesced per loop tick (``_ServerTransport``); a text
+        message shared by many recipients is framed once; the ``wschat.server`` scope
+        extension (a ``ServerSocket``: this object) writes a message at once when the
+        socket can take it. Bounds: a closing handshake gets ``CLOSE_TIMEOUT`` seconds
+        and then the TCP connection is dropped; PINGs count toward the attached
+        connection's rate (over it: no PONG, and the client is not read until its debt
+        is paid); PONGs held for a client that does not read count toward its frame
+        limit (over it: dropped as slow); invalid UTF-8 closes with 1007 and one log
+        line; shutdown never fails on a connection that is already closing. Anything
+        unusual (handshake, a negotiated extension) takes uvicorn's own path.
         """
 
-        batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # one per event loop
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.close_timeout = CLOSE_TIMEOUT        # uvicorn waits 10 s for the peer's close reply
+            self.attached: AttachedConnection | None = None
+            self.held_pongs = 0                       # pongs written while the transport is paused
+
+        # -- the transport -------------------------------------------------------
 
         def connection_made(self, transport: Any) -> None:
-            batcher = self.batchers.get(self.loop)
-            if batcher is None:
-                batcher = self.batchers[self.loop] = _WriteBatcher(self.loop)
-            super().connection_made(_CoalescingTransport(transport, batcher))
+            super().connection_made(_ServerTransport.wrap(transport, self.loop))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.transport.ended()
+            super().connection_lost(exc)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self.held_pongs = 0
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_closing()
+
+        def _watch_closing(self) -> None:
+            # A close frame sent or received: the peer has CLOSE_TIMEOUT to finish.
+            if self.handshake_complete and self.conn.state is not State.OPEN:
+                self.transport.give_up_later()
+
+        # -- ServerSocket: what a wschat Connection may use ------------------------
 
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)
             scope = getattr(self, "scope", None)
-            if scope is not None:   # the app's task starts later and sees the extensions
-                scope["extensions"][SEND_NOWAIT] = self.send_nowait
-                scope["extensions"][ABORT] = self.transport.abort
+            if scope is not None:   # the app's task starts later and sees the extension
+                scope["extensions"][SERVER_EXTENSION] = self
+
+        def attach(self, connection: AttachedConnection) -> None:
+            self.attached = connection
+
+        def abort(self) -> None:
+            self.transport.abort()
+
+        def open_connections(self) -> int:
+            return len(self.connections)
 
         def _plain_text_frames(self) -> bool:
             # Cheapest tests first: this runs once per recipient of every message.
@@ -2099,18 +2765,149 @@ def _coalescing_protocol_class() -> type:
                     self.transport.write(wire(message))
                     return
             await super().send(message)
+            self._watch_closing()
+
+        # -- bounds on what a client can make the server hold ----------------------
+
+        def handle_ping(self) -> None:
+            # websockets queued a PONG for every PING of this read; which go out is ours to say.
+            kept = [chunk for chunk in self.conn.data_to_send() if not chunk.startswith(_PONG) or self._answer_ping()]
+            if kept:
+                self.transport.write(b"".join(kept))
+
+        def _answer_ping(self) -> bool:
+            attached = self.attached
+            if attached is not None:
+                wait = attached.ping_received()
+                if wait:
+                    self.transport.hold_reading(wait)
+                    return False
+            if not self.writable.is_set():   # the client is not reading: its pongs pile up here
+                self.held_pongs += 1
+                if self.held_pongs > (attached.frame_limit if attached is not None else DEFAULT_FRAME_LIMIT):
+                    if attached is not None:
+                        attached.overflowed()
+                    else:
+                        self.transport.abort()
+                    return False
+            return True
+
+        def send_receive_event_to_app(self) -> None:
+            if self.curr_msg_data_type == "text" and not self.close_sent:
+                data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+                if not data.isascii() and not _decodes(data):
+                    # uvicorn would log a traceback per frame; one line is enough for a bad client.
+                    self.frames = []
+                    self.logger.info("%s - WebSocket sent invalid UTF-8; closing with 1007", _peer(self.client))
+                    self.conn.send_close(WS_1007_INVALID_PAYLOAD, "invalid UTF-8")
+                    self.handle_parser_exception()
+                    return
+            super().send_receive_event_to_app()
+
+        def shutdown(self) -> None:
+            if self.handshake_complete and not self.close_sent and self.conn.state is not State.OPEN:
+                # The peer's close (or a protocol error) already began the closing handshake:
+                # nothing is left to send, and uvicorn's shutdown would raise InvalidState.
+                self.stop_keepalive()
+                self.transport.close()
+                return
+            super().shutdown()
 
     return CoalescingWebSocketProtocol
 
 
-def _websocket_protocol() -> str:
-    """Our protocol where this uvicorn has websockets-sansio (0.35+), else uvicorn's choice."""
+@functools.lru_cache(maxsize=None)
+def _http_protocol_class() -> type | None:
     try:
-        import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401  (a probe)
-    except ImportError:
-        return "auto"
-    _coalescing_protocol_class()
-    return f"{_module_name()}:coalescing_websocket_protocol"
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError as exc:   # no httptools: uvicorn's h11 protocol bounds head size only
+        logger.info("httptools unavailable (%s): request heads are bounded in size, not in time", exc)
+        return None
+    missing = _lacks(HttpToolsProtocol, _HTTPTOOLS_NEEDS, _HTTPTOOLS_ATTRIBUTES)
+    if missing:
+        logger.warning("this uvicorn's httptools protocol lacks %s: using uvicorn's own", ", ".join(missing))
+        return None
+
+    class BoundedHttpProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol with request heads bounded (SPEC section 7).
+
+        A head larger than ``MAX_REQUEST_HEAD`` is answered 431 without reading further;
+        one not complete ``REQUEST_HEAD_TIMEOUT`` seconds after the connection opened (or
+        after the previous response) is dropped. httptools itself limits neither. The
+        connection counts in uvicorn's ``connections`` meanwhile, so toward wschat's
+        ``max_connections``.
+        """
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            self._head_size: int | None = None
+            self._head_timer: asyncio.TimerHandle | None = None
+            super().connection_made(_ServerTransport.wrap(transport, self.loop))
+            self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_arrived()
+            self.transport.ended()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            self._head_size = 0
+            self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._head_timed_out)
+
+        def _head_arrived(self) -> None:
+            self._head_size = None
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            self.logger.info("%s - request head not complete within %g s; connection dropped",
+                             _peer(self.client), REQUEST_HEAD_TIMEOUT)
+            self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            if self._head_size is not None:
+                self._head_size += len(data)
+            super().data_received(data)
+            if self._head_size is not None and self._head_size > MAX_REQUEST_HEAD and not self.transport.is_closing():
+                self._head_arrived()
+                self.logger.info("%s - request head over %d bytes; answered 431", _peer(self.client), MAX_REQUEST_HEAD)
+                body = b"request head (request line and headers) larger than 64 KiB"
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            self._head_arrived()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self._head_size is None and not self.pipeline:
+                self._await_head()   # keep-alive: the next request's head gets the same bound
+
+    return BoundedHttpProtocol
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return "%s:%d" % client if client else "-"
+
+
+def _serving_protocols() -> dict[str, str]:
+    """uvicorn's ``http`` and ``ws`` options for ``serve``: wschat's protocols where they work here."""
+    module = _module_name()
+    return {"http": f"{module}:bounded_http_protocol" if _http_protocol_class() else "auto",
+            "ws": f"{module}:coalescing_websocket_protocol" if _websocket_protocol_class() else "auto"}
 
 
 def _module_name() -> str:
@@ -2437,6 +3234,11 @@ def main() -> None:
 @_option("--log-level", env="LOG_LEVEL", default="info", type=click.Choice(LOG_LEVELS, case_sensitive=False),
          help="Log level.")
 @_option("--root-path", env="ROOT_PATH", default="", help="Path prefix when served behind a proxy, e.g. /chat.")
+@_option("--allowed-host", "allowed_hosts", env="ALLOWED_HOST", multiple=True, callback=_split_commas,
+         help="Host name this server answers to (repeatable; *.example.com for subdomains). Default: any, "
+              "except in demo mode on a loopback address: loopback names only.")
+@_option("--max-rooms", env="MAX_ROOMS", default=10000, type=int,
+         help="Rooms the memory broker holds; a join or message that would create another is refused.")
 def serve(**options: Any) -> None:
     """Serve the chat: the page at /, WebSockets and the HTTP API."""
     try:
@@ -2446,15 +3248,24 @@ def serve(**options: Any) -> None:
     if settings.workers > 1 and urlsplit(settings.broker).scheme == "memory":
         raise click.UsageError("--workers above 1 needs a shared broker: add --broker redis://host:6379/0")
     try:
-        app = create_app(**asdict(settings))
+        app = _serving_app(settings)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     if settings.broker != "memory://":
         _check_broker(app.state.chat.broker)
-    if app.state.gatekeeper.demo_mode and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if app.state.gatekeeper.demo_mode and not _is_loopback(settings.host):
         click.secho(f"warning: demo mode (no --token) on {settings.host}: anyone who can reach this port can chat",
                     fg="yellow", err=True)
     _run(app, settings)
+
+
+def _serving_app(settings: Settings) -> FastAPI:
+    """The app ``serve`` runs (in each worker): ``create_app``, plus the DNS-rebinding guard
+    that a server bound to a loopback address in demo mode needs (SPEC section 6)."""
+    app = create_app(**asdict(settings))
+    if app.state.gatekeeper.demo_mode and _is_loopback(settings.host) and not settings.allowed_hosts:
+        app.add_middleware(_HostGuard)
+    return app
 
 
 def _check_broker(broker: Broker) -> None:
@@ -2470,10 +3281,12 @@ def _run(app: FastAPI, settings: Settings) -> None:
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"wschat {__version__}: open http://{host}:{settings.port}{settings.root_path}/ in a browser")
+    _raise_file_limit(settings.max_connections)
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                    root_path=settings.root_path, ws_max_size=settings.max_message_size,
-                   ws=_websocket_protocol(), ws_per_message_deflate=False, timeout_graceful_shutdown=5,
-                   log_config=_log_config(settings.log_level))
+                   ws_per_message_deflate=False, timeout_graceful_shutdown=int(CLOSE_TIMEOUT),
+                   h11_max_incomplete_event_size=MAX_REQUEST_HEAD, log_config=_log_config(settings.log_level),
+                   **_serving_protocols())
     if settings.workers > 1:
         # Each worker process builds its own app from the same settings.
         os.environ[_SETTINGS_VARIABLE] = json.dumps(asdict(settings))
@@ -2487,7 +3300,25 @@ _SETTINGS_VARIABLE = "WSCHAT_SETTINGS_JSON"
 
 def _app_from_environment() -> FastAPI:
     """The app factory ``serve --workers N`` hands to uvicorn's worker processes."""
-    return create_app(**json.loads(os.environ[_SETTINGS_VARIABLE]))
+    return _serving_app(Settings(**json.loads(os.environ[_SETTINGS_VARIABLE])))
+
+
+def _raise_file_limit(max_connections: int) -> None:
+    """Lift the soft limit on open files toward what ``max_connections`` needs (plus room for
+    everything else), as far as the hard limit allows, so that the connection limit, not
+    the file limit, is what a flood of sockets runs into."""
+    try:
+        import resource
+    except ImportError:   # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            logger.warning("open-file limit %d is below --max-connections %d", target, max_connections)
 
 
 def _log_config(level: str) -> dict:
