@@ -45,12 +45,20 @@ import math
 import os
 import re
 import secrets
+import socket
+import struct
 import time
 import weakref
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import fcntl
+    import termios
+except ImportError:   # not POSIX: the kernel's send queue is not asked (see _ServerTransport)
+    fcntl = termios = None  # type: ignore[assignment]
 
 import click
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
@@ -2525,16 +2533,21 @@ class _ServerTransport:
       as soon as they pass ``COALESCE_LIMIT`` bytes: the transport's own flow control
       (``pause_writing`` above its high-water mark) must see them, or a loop publishing
       thousands of messages without yielding would pile them up here, unbounded.
-    * Giving up. Once a close has begun (``close()`` with data still buffered, or a
-      closing handshake), the TCP connection is aborted ``CLOSE_TIMEOUT`` seconds later
-      unless it has ended: a peer that stops reading would otherwise hold it forever.
+    * Closing for real. ``close()`` waits until everything written has reached the
+      peer (asyncio's buffer and the kernel's), then closes; a closing handshake that
+      has begun (``give_up_later``) gets ``CLOSE_TIMEOUT`` seconds. After that the
+      connection is dropped with a reset, so that neither this process nor the kernel
+      keeps the socket and its buffers for a peer that stopped reading. (asyncio's own
+      ``close()`` waits for its buffer forever, and the kernel keeps an orphaned
+      socket with unsent data for minutes.)
     * Holding reads. ``hold_reading`` stops reading a client for a while (a ping flood
       pays its debt); uvicorn's own pause and resume still work underneath.
 
     Everything else goes to the real transport.
     """
 
-    __slots__ = ("_transport", "_loop", "_batcher", "_chunks", "_size", "_give_up", "_hold", "_paused", "_ended")
+    __slots__ = ("_transport", "_loop", "_batcher", "_chunks", "_size", "_give_up", "_hold", "_poll", "_paused",
+                 "_closing", "_ended")
 
     batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # one per event loop
 
@@ -2549,8 +2562,10 @@ class _ServerTransport:
         self._size = 0
         self._give_up: asyncio.TimerHandle | None = None
         self._hold: asyncio.TimerHandle | None = None
+        self._poll: asyncio.TimerHandle | None = None
         self._paused = False      # reading paused by the protocol itself
-        self._ended = False
+        self._closing = False     # close() was called: nothing more is written
+        self._ended = False       # the connection is lost
 
     @classmethod
     def wrap(cls, transport: Any, loop: asyncio.AbstractEventLoop) -> _ServerTransport:
@@ -2558,6 +2573,8 @@ class _ServerTransport:
         return transport if isinstance(transport, cls) else cls(transport, loop)
 
     def write(self, data: bytes) -> None:
+        if self._closing:
+            return
         if not self._chunks:
             self._batcher.mark(self)
         self._chunks.append(data)
@@ -2570,15 +2587,56 @@ class _ServerTransport:
         if chunks and not self._transport.is_closing():
             self._transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
     def close(self) -> None:
+        if self._closing or self._ended:
+            return
         self.flush()
-        self._transport.close()
+        self._closing = True   # reading goes on, so that a peer's reset or EOF still ends it early
         self.give_up_later()
+        self._close_once_sent()
+
+    def _close_once_sent(self) -> None:
+        self._poll = None
+        if self._ended:
+            return
+        if self._peer_reset():
+            self.drop()
+        elif self._unsent():
+            self._poll = self._loop.call_later(0.1, self._close_once_sent)
+        else:
+            self._transport.close()
+
+    def _peer_reset(self) -> bool:
+        sock = self._transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            return sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        return False
+
+    def _unsent(self) -> int:
+        """Bytes written and not yet sent: asyncio's buffer, plus the kernel's where it says (Linux)."""
+        unsent = self._transport.get_write_buffer_size()
+        sock = self._transport.get_extra_info("socket")
+        if not unsent and sock is not None and fcntl is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return unsent
 
     def give_up_later(self) -> None:
-        """Abort the connection CLOSE_TIMEOUT seconds from now unless it has ended by then."""
+        """Drop the connection CLOSE_TIMEOUT seconds from now unless it has ended by then."""
         if self._give_up is None and not self._ended:
-            self._give_up = self._loop.call_later(CLOSE_TIMEOUT, self._transport.abort)
+            self._give_up = self._loop.call_later(CLOSE_TIMEOUT, self.drop)
+
+    def drop(self) -> None:
+        """Reset the connection now: nothing more is sent, and the kernel keeps nothing for it."""
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._chunks, self._size, self._closing = [], 0, True
+        self._transport.abort()
 
     def hold_reading(self, seconds: float) -> None:
         self._transport.pause_reading()
@@ -2588,7 +2646,7 @@ class _ServerTransport:
 
     def _end_hold(self) -> None:
         self._hold = None
-        if not self._paused and not self._transport.is_closing():
+        if not self._paused and not self.is_closing():
             self._transport.resume_reading()
 
     def pause_reading(self) -> None:
@@ -2597,16 +2655,16 @@ class _ServerTransport:
 
     def resume_reading(self) -> None:
         self._paused = False
-        if self._hold is None:
+        if self._hold is None and not self._closing:
             self._transport.resume_reading()
 
     def ended(self) -> None:
-        """The connection is lost: nothing is left to give up on or to hold."""
+        """The connection is lost: nothing is left to wait for, give up on or hold."""
         self._ended = True
-        for timer in (self._give_up, self._hold):
+        for timer in (self._give_up, self._hold, self._poll):
             if timer is not None:
                 timer.cancel()
-        self._give_up = self._hold = None
+        self._give_up = self._hold = self._poll = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -2738,7 +2796,7 @@ def _websocket_protocol_class() -> type | None:
             self.attached = connection
 
         def abort(self) -> None:
-            self.transport.abort()
+            self.transport.drop()
 
         def open_connections(self) -> int:
             return len(self.connections)
@@ -2788,7 +2846,7 @@ def _websocket_protocol_class() -> type | None:
                     if attached is not None:
                         attached.overflowed()
                     else:
-                        self.transport.abort()
+                        self.transport.drop()
                     return False
             return True
 
