@@ -14,6 +14,7 @@ WSCHAT_REQUIRE_BROWSER=1 / WSCHAT_REQUIRE_REDIS=1 (as in CI) turn the skip into 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import itertools
@@ -25,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -1043,6 +1045,125 @@ def test_manager_unexpected_join_error_closes_with_1011_and_leaks_nothing(caplog
     errors = [r for r in caplog.records if r.name == "wschat" and r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
     assert errors[0].exc_info and errors[0].exc_info[0] is RuntimeError
+
+
+def test_manager_process_wide_broadcast_reaches_a_joining_client_after_its_welcome():
+    """broadcast() without a room, while a client is still joining, reaches it once, after its welcome."""
+    async def body():
+        broker = GatedBroker()
+        manager = ConnectionManager(Settings(presence_interval=60), broker=broker)
+        await manager.start()
+        plain, _ = await enter(manager, None, "plain")
+        sock = FakeSocket()
+        joining = asyncio.create_task(manager.connect(sock, room="r", client_id="x"))
+        await asyncio.wait_for(broker.subscribing.wait(), 5)
+        assert await manager.broadcast("to everyone") == 1      # plain now; x once welcomed
+        broker.opened.set()
+        await joining
+        await wait_for_condition(lambda: "to everyone" in sock.sent)
+        assert sock.frames()[0]["type"] == "welcome" and sock.sent.count("to everyone") == 1
+        assert plain.sent == ["to everyone"]
+
+    run(body())
+
+
+def test_manager_joiner_catching_up_when_the_sequence_restarts_is_closed_with_1012():
+    """A joiner whose replay is ahead of the broker's deliveries (Redis) is closed with 1012 when the next
+    delivery belongs to a new epoch (a flushed Redis), instead of silently skipping it."""
+    async def body():
+        broker = LaggingBroker()
+        manager = ConnectionManager(Settings(presence_interval=60), broker=broker)
+        a, _ = await enter(manager, "r", "a")
+        for text in ("m1", "m2", "m3"):
+            await manager.publish("r", text)               # stored, not yet delivered here
+        b, _ = await enter(manager, "r", "b")
+        await wait_for_condition(lambda: b.sent)
+        assert b.frames()[0]["last_id"] == 3 and len(chat_messages(b)) == 3
+        broker.held.clear()                                 # the flush: those deliveries never come
+        fresh = wschat.message_event("r", 1, "server", "after the flush")
+        manager.deliver("r", fresh, wschat.encode(fresh), "new-epoch")
+        await wait_for_condition(lambda: b.closed_with is not None and a.closed_with is not None)
+        assert b.closed_with[0] == a.closed_with[0] == 1012
+        assert [m["text"] for m in chat_messages(b)] == ["m1", "m2", "m3"]
+
+    run(body())
+
+
+def test_manager_closing_connection_leaves_its_room_and_is_given_up_after_the_close_timeout():
+    """close(): the connection leaves its room at once and receives nothing more; if its socket has not ended
+    CLOSE_TIMEOUT seconds later the manager drops it through the server and releases it."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60))
+        stuck, conn = await enter(manager, "r", "stuck", sock=StuckSocket())
+        other, _ = await enter(manager, "r", "other")
+        manager.disconnect(stuck)
+        assert conn.state is wschat.ConnectionState.CLOSING
+        assert manager.active_connections == [other] and await manager.members("r") == ["other"]
+        queued = conn.pending                                 # its welcome, still waiting on the socket
+        await manager.publish("r", "after")
+        await wait_for_condition(lambda: chat_messages(other))
+        assert conn.pending == queued == 1 and conn.give_up is not None
+        conn.give_up._run()                                  # the CLOSE_TIMEOUT timer fires
+        assert stuck.server.aborted and conn.state is wschat.ConnectionState.ENDED
+        assert manager.stats()["connections"] == 1
+
+    run(body())
+
+
+def test_manager_direct_writes_go_through_send_nowait_and_the_queue_only_when_behind():
+    """With the server's send_nowait, frames are written at once (no writer task); when the socket cannot take
+    them they queue, in order, up to send_queue, and the client is dropped past it."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60, send_queue=4))
+        sock, conn = await enter(manager, "r", "a")
+        await manager.publish("r", "direct")
+        assert chat_messages(sock)[-1]["text"] == "direct" and conn.writer is None
+        sock.server.writable = False
+        for i in range(4):
+            await manager.publish("r", f"queued {i}")
+        assert conn.pending == 4 and manager.slow_clients_dropped == 0
+        await manager.publish("r", "one too many")
+        assert manager.slow_clients_dropped == 1 and conn.state is wschat.ConnectionState.CLOSING
+
+    run(body())
+
+
+def test_manager_pings_over_the_rate_are_refused_and_put_the_client_in_debt():
+    """ping_received(): PINGs within the burst are answered; past it each one is refused with the seconds
+    the client must not be read, growing with the flood."""
+    async def body():
+        manager = ConnectionManager(Settings(rate=5, presence_interval=60))
+        sock, conn = await enter(manager, "r", "a")
+        assert sock.server.attached is conn
+        assert [conn.ping_received() for _ in range(10)] == [0.0] * 10
+        waits = [conn.ping_received() for _ in range(5)]
+        assert all(wait > 0 for wait in waits) and waits == sorted(waits) and waits[-1] > 1.0
+
+    run(body())
+
+
+def test_settings_rate_below_one_still_lets_a_message_through():
+    """burst = max(2 x rate, 1): at --rate 0.4 the first message is delivered, the next is limited."""
+    assert Settings(rate=0.4).rate_burst == 1 and Settings(rate=20).rate_burst == 40
+    with TestClient(create_app(rate=0.4)) as tc, tc.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+        next_frame(ws, "welcome")
+        ws.send_text("first")
+        assert next_frame(ws, "message")["text"] == "first"
+        ws.send_text("second")
+        assert "rate limit" in next_frame(ws, "error")["error"]
+
+
+def test_app_room_name_or_client_id_with_a_trailing_newline_is_invalid_everywhere():
+    """'general\\n' is no room name on any route, WebSocket or HTTP; 'bob\\n' is no client id."""
+    assert not valid_room("general\n") and not valid_client_id("bob\n")
+    with TestClient(create_app()) as tc:
+        assert refused_code(tc, "/rooms/general%0A/ws?client_id=a") == 1008
+        assert refused_code(tc, "/rooms/general/ws?client_id=bob%0A") == 1008
+        assert refused_code(tc, "/ws/bob%0A") == 1008
+        for method, path in (("GET", "/rooms/general%0A/members"), ("GET", "/rooms/general%0A/messages"),
+                             ("POST", "/rooms/general%0A/messages")):
+            assert tc.request(method, path, json={"text": "x"}).status_code == 422, path
+        assert tc.get("/rooms").json() == {"rooms": []}
 
 
 # ---- App: HTTP routes (TestClient) ----
@@ -2620,6 +2741,456 @@ def test_limits_dropped_client_that_never_reads_is_given_up_within_the_close_tim
 
 
 # ---------------------------------------------------------------------------
+# Hardening: hostile clients, raw sockets, bounds (end to end)
+# ---------------------------------------------------------------------------
+
+def raw_websocket(port: int, path: str, *, rcvbuf: int = 4096, host: str | None = None,
+                  headers: dict | None = None, expect: int = 101) -> socket.socket:
+    """A WebSocket handshaken by hand on a blocking socket with a tiny receive buffer: a client that
+    misbehaves (never reads, floods pings, sends bad bytes) without a library's good manners."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+                 .encode())
+    head = b""
+    while b"\r\n\r\n" not in head:   # byte by byte: what follows the head is frames
+        byte = sock.recv(1)
+        assert byte, f"connection closed during the handshake: {head!r}"
+        head += byte
+    assert head.startswith(f"HTTP/1.1 {expect} ".encode()), head
+    return sock
+
+
+def client_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """One masked client frame, FIN set (payload under 64 KiB)."""
+    mask = os.urandom(4)
+    size = len(payload)
+    length = bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    return bytes([0x80 | opcode]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_frames(sock: socket.socket, quiet: float = 1.0, until_close: bool = False) -> list[tuple[int, bytes]]:
+    """The frames a server sends on a raw socket: read until ``quiet`` seconds pass without
+    data (or, with ``until_close``, until a close frame); (opcode, payload) each."""
+    buffer, frames = b"", []
+    sock.settimeout(quiet)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        buffer += chunk
+        while len(buffer) >= 2:
+            size, start = buffer[1] & 0x7F, 2
+            if size == 126:
+                size, start = int.from_bytes(buffer[2:4], "big"), 4
+            elif size == 127:
+                size, start = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < start + size:
+                break
+            frames.append((buffer[0] & 0x0F, buffer[start:start + size]))
+            buffer = buffer[start + size:]
+        if until_close and any(opcode == 0x8 for opcode, _ in frames):
+            break
+    return frames
+
+
+def server_side_tcp(port: int) -> int:
+    """TCP connections the kernel holds on the server's side of ``port``, process-owned or orphaned,
+    that still hold the peer or data: every state but LISTEN, TIME_WAIT, CLOSE and FIN_WAIT2 (our
+    side closed, everything sent acknowledged: the kernel only waits for the peer's FIN)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in pathlib.Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] not in ("0A", "06", "07", "05"):
+                    count += 1
+    return count
+
+
+def fill_room(server: Any, room: str, count: int, size: int = 16_000) -> None:
+    """Publish ``count`` messages of ``size`` bytes over HTTP: more than a stalled client's buffers take."""
+    for i in range(count):
+        status, body = http("POST", f"{server.url}/rooms/{room}/messages", {"text": f"{i} " + "x" * size})
+        assert status == 201, body
+
+
+def close_payload(code: int = 1000) -> bytes:
+    return struct.pack("!H", code)
+
+
+def test_hardening_client_that_closes_then_stops_reading_is_dropped_within_close_timeout(serve):
+    """A client that sends a close frame while the server still has data for it and then never reads loses
+    its TCP connection within CLOSE_TIMEOUT (+ margin), with nothing left in the kernel; until then it counts
+    toward --max-connections."""
+    server = serve("--max-connections", "3", "--rate", "0")
+    stallers = [raw_websocket(server.port, f"/rooms/stall/ws?client_id=s{i}") for i in range(3)]
+    fill_room(server, "stall", 60)
+    for sock in stallers:
+        sock.sendall(client_frame(0x8, close_payload()))
+
+    async def body():
+        async with client(server.ws_url + "/rooms/other/ws?client_id=late") as late:
+            assert (await late.closed())[0] == 1013          # the three still count
+        await wait_for_condition(lambda: server_side_tcp(server.port) == 0, timeout=wschat.CLOSE_TIMEOUT + 3)
+        later, welcome = await join(server.ws_url + "/rooms/other/ws?client_id=later")
+        assert welcome["client_id"] == "later"
+        await later.close()
+
+    run(body(), 30)
+    for sock in stallers:
+        sock.close()
+    assert_no_traceback(server)
+
+
+def test_hardening_sigterm_with_stalled_and_half_closed_clients_exits_cleanly(serve):
+    """SIGTERM while clients have closed without reading, half-closed, or stopped reading: every well-behaved
+    client gets 1001/1012 within 5 s and the process ends within 10 s, by the signal or with 0, no traceback."""
+    server = serve("--rate", "0")
+    closed_unread = raw_websocket(server.port, "/rooms/down/ws?client_id=closed")
+    half_closed = raw_websocket(server.port, "/rooms/down/ws?client_id=half")
+    not_reading = raw_websocket(server.port, "/rooms/down/ws?client_id=stalled")
+    fill_room(server, "down", 100, size=60_000)   # 6 MB: more than the kernel's buffers take
+    closed_unread.sendall(client_frame(0x8, close_payload()))
+    half_closed.shutdown(socket.SHUT_WR)
+
+    async def body():
+        good = [Client(await ws_connect(server.ws_url + path, open_timeout=5))
+                for path in ("/rooms/down/ws?client_id=good", "/ws/lobbyist", "/ws")]
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        codes = await asyncio.wait_for(asyncio.gather(*(c.closed(timeout=5) for c in good)), 6)
+        return codes, time.monotonic() - started
+
+    codes, _ = run(body(), 30)
+    assert all(code in (1001, 1012) for code, _ in codes), codes
+    assert server.process.wait(10) in (0, -signal.SIGTERM)
+    assert_no_traceback(server)
+    assert "InvalidState" not in server.log
+    for sock in (closed_unread, half_closed, not_reading):
+        sock.close()
+
+
+def test_hardening_pings_beyond_the_rate_get_no_pong(serve):
+    """Protocol PINGs count toward --rate: a burst of 60 gets at most burst (2 x rate) + rate x elapsed PONGs."""
+    server = serve("--rate", "5")
+    sock = raw_websocket(server.port, "/rooms/pings/ws?client_id=pinger", rcvbuf=65536)
+    assert server_frames(sock, quiet=0.5)[0][0] == 0x1          # the welcome
+    started = time.monotonic()
+    sock.sendall(b"".join(client_frame(0x9, f"p{i}".encode()) for i in range(60)))
+    pongs = [payload for opcode, payload in server_frames(sock, quiet=1.0) if opcode == 0xA]
+    elapsed = time.monotonic() - started
+    assert 1 <= len(pongs) <= 10 + 5 * elapsed + 1, (len(pongs), elapsed)
+    assert pongs == [f"p{i}".encode() for i in range(len(pongs))]   # the first ones, in order
+    sock.close()
+
+    async def bystander():
+        other, _ = await join(server.ws_url + "/rooms/pings/ws?client_id=other")
+        await other.send({"type": "ping"})
+        assert (await other.recv_until(lambda f: f.get("type") == "pong"))["type"] == "pong"
+        await other.close()
+
+    run(bystander())
+
+
+def test_hardening_ping_flood_from_a_client_that_never_reads_stays_bounded(serve):
+    """A client flooding PINGs and never reading costs bounded memory (before: about 33 MB/s), and a
+    bystander's JSON ping is still answered."""
+    server = serve()
+    rss_before = _rss_kib(server.process.pid)
+    flood = raw_websocket(server.port, "/rooms/flood/ws?client_id=flooder")
+    frame = client_frame(0x9, b"x" * 100)
+    deadline, sent = time.monotonic() + 4, 0
+    flood.settimeout(0.05)
+    while time.monotonic() < deadline:
+        with contextlib.suppress(socket.timeout, BlockingIOError):
+            sent += flood.send(frame * 200)
+    rss_after = _rss_kib(server.process.pid)
+    assert sent > 100_000, sent                              # the flood really was sent
+    assert rss_after - rss_before < 30_000, (rss_before, rss_after)
+
+    async def bystander():
+        other, _ = await join(server.ws_url + "/rooms/flood/ws?client_id=other")
+        await other.send({"type": "ping"})
+        assert (await other.recv_until(lambda f: f.get("type") == "pong"))["type"] == "pong"
+        await other.close()
+
+    run(bystander())
+    flood.close()
+    assert_no_traceback(server)
+
+
+BURST_APP = '''
+from fastapi import FastAPI
+from wschat import create_app
+
+app = FastAPI()
+chat_app = create_app(rate=0)
+app.mount("/chat", chat_app)
+
+
+@app.post("/burst/{room}")
+async def burst(room: str, count: int, size: int = 10_000):
+    chat = chat_app.state.chat
+    for i in range(count):   # the memory broker's publish never yields: all of it in one loop tick
+        await chat.publish(room, f"{i} " + "x" * size)
+    return chat.stats()
+
+
+@app.post("/disconnect-all")
+async def disconnect_all():
+    chat = chat_app.state.chat
+    for websocket in chat.active_connections:
+        chat.disconnect(websocket)
+    return chat.stats()
+'''
+
+
+def burst_host(serve: Callable, tmp_path: pathlib.Path) -> ServerProcess:
+    (tmp_path / "burstapp.py").write_text(BURST_APP)
+    return serve(command=[sys.executable, "-m", "uvicorn", "burstapp:app", "--ws",
+                          "wschat:coalescing_websocket_protocol", "--ws-per-message-deflate", "false"],
+                 ready_path="/chat/healthz", env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"})
+
+
+def test_hardening_host_publishing_in_one_tick_drops_a_client_that_never_reads(serve, tmp_path):
+    """Host code publishing 3,000 x 10 KB without yielding: the client that never reads is dropped once its
+    frames pass --send-queue (they used to pile up unseen in the per-tick write buffer), and its TCP
+    connection is gone within CLOSE_TIMEOUT."""
+    server = burst_host(serve, tmp_path)
+    stalled = raw_websocket(server.port, "/chat/rooms/burst/ws?client_id=stalled")
+    status, stats = http("POST", server.url + "/burst/burst?count=3000", timeout=30)
+    assert status == 200, stats
+    assert stats["slow_clients_dropped"] == 1, stats
+
+    async def gone():
+        await wait_for_condition(lambda: server_side_tcp(server.port) == 0, timeout=wschat.CLOSE_TIMEOUT + 3)
+
+    run(gone())
+    stalled.close()
+    assert_no_traceback(server)
+
+
+def test_hardening_host_disconnect_of_a_client_that_never_reads_drops_its_tcp_connection(serve, tmp_path):
+    """disconnect() from host code on a client that never reads: it is forgotten at once, and its TCP
+    connection is dropped within CLOSE_TIMEOUT (the give-up timer is no longer cancelled)."""
+    server = burst_host(serve, tmp_path)
+    stalled = raw_websocket(server.port, "/chat/rooms/kick/ws?client_id=stalled")
+    assert http("POST", server.url + "/burst/kick?count=300", timeout=30)[0] == 200
+    status, stats = http("POST", server.url + "/disconnect-all")
+    assert status == 200 and stats["slow_clients_dropped"] == 0, stats
+
+    async def gone():
+        await wait_for_condition(lambda: server_side_tcp(server.port) == 0, timeout=wschat.CLOSE_TIMEOUT + 3)
+
+    run(gone())
+    assert http("GET", server.url + "/chat/rooms/kick/members")[1]["members"] == []
+    stalled.close()
+
+
+def test_hardening_partial_request_heads_time_out_and_count_toward_max_connections(serve):
+    """Half-received request heads count toward --max-connections and are dropped REQUEST_HEAD_TIMEOUT
+    seconds after they started; then clients get in again."""
+    server = serve("--max-connections", "3")
+    partial = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        partial.append(sock)
+
+    async def body():
+        async with client(server.ws_url + "/rooms/r/ws?client_id=late") as late:
+            assert (await late.closed())[0] == 1013
+        await wait_for_condition(lambda: server_side_tcp(server.port) == 0,
+                                 timeout=wschat.REQUEST_HEAD_TIMEOUT + 3)
+        later, _ = await join(server.ws_url + "/rooms/r/ws?client_id=later")
+        await later.close()
+
+    run(body(), 40)
+    for sock in partial:
+        assert sock.recv(100) == b""                      # closed by the server, nothing answered
+        sock.close()
+
+
+def test_hardening_oversized_request_head_is_answered_431_without_reading_on(serve):
+    """A request head over 64 KiB is answered 431 after at most a little more than 64 KiB was read, and the
+    server's memory does not grow with the rest (a 20 MB header value is offered)."""
+    server = serve()
+    rss_before = _rss_kib(server.process.pid)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+    sock.setblocking(False)
+    sent, answer = 0, b""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        while sent < 20_000_000 and not answer:
+            with contextlib.suppress(BlockingIOError):
+                sent += sock.send(b"a" * 16384)
+            with contextlib.suppress(BlockingIOError):
+                answer = sock.recv(4096)
+            time.sleep(0.001)
+    sock.setblocking(True)
+    sock.settimeout(5)
+    with contextlib.suppress(ConnectionResetError):
+        answer += sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert sent < 2_000_000, sent
+    assert _rss_kib(server.process.pid) - rss_before < 10_000
+    sock.close()
+
+
+def raw_request(port: int, head: str, body: Iterable[bytes] = (), *, settle: float = 0.5) -> tuple[bytes, int]:
+    """Send a request head, then body chunks while the server lets us; return (its answer, body bytes sent)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(head.encode())
+    sent, answer = 0, b""
+    sock.setblocking(False)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for chunk in body:
+            with contextlib.suppress(BlockingIOError):
+                answer += sock.recv(65536)
+            if answer:
+                break
+            with contextlib.suppress(BlockingIOError):
+                sent += sock.send(chunk)
+    sock.setblocking(True)
+    sock.settimeout(settle)
+    with contextlib.suppress(socket.timeout, ConnectionResetError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    sock.close()
+    return answer, sent
+
+
+def test_hardening_request_bodies_are_refused_before_they_are_read(serve):
+    """Without the token, a 300 MB POST is refused before its body is read; with it, a declared body over
+    max_message_size + 4 KiB gets 413 at once and a chunked one 413 after little more than the limit."""
+    server = serve("--token", TOKEN)
+    path = "/rooms/r/messages"
+    huge = (b"x" * 65536 for _ in range(4600))              # 300 MB, offered lazily
+    answer, sent = raw_request(server.port, f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                               f"application/json\r\nContent-Length: 300000000\r\n\r\n", huge)
+    assert answer.split(b" ")[1] in (b"401", b"413") and sent < 5_000_000, (answer[:80], sent)
+    chunked = (b"10000\r\n" + b"x" * 65536 + b"\r\n" for _ in range(4600))
+    answer, sent = raw_request(server.port, f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               f"Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert answer.startswith(b"HTTP/1.1 401 ") and sent < 5_000_000, (answer[:80], sent)
+    authorized = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+    answer, _ = raw_request(server.port, authorized + "Content-Length: 1000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"larger than" in answer, answer[:200]
+    chunked = (b"10000\r\n" + b"x" * 65536 + b"\r\n" for _ in range(4600))
+    answer, sent = raw_request(server.port, authorized + "Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert answer.startswith(b"HTTP/1.1 413 ") and sent < 5_000_000, (answer[:80], sent)
+    assert http("GET", f"{server.url}/rooms/r/messages", headers={"Authorization": f"Bearer {TOKEN}"})[1][
+        "messages"] == []
+    assert_no_traceback(server)
+
+
+def test_hardening_posts_are_rate_limited_per_caller_with_429_and_retry_after(serve):
+    """With --rate 5, a caller's POSTs beyond burst + rate are answered 429 with Retry-After, and not stored."""
+    server = serve("--rate", "5")
+    started, answers = time.monotonic(), []
+    for i in range(30):
+        answers.append(http_with_headers("POST", f"{server.url}/rooms/rl/messages", {"text": f"m{i}"}))
+    elapsed = time.monotonic() - started
+    stored = [body for status, _, body in answers if status == 201]
+    limited = [(head, body) for status, head, body in answers if status == 429]
+    assert len(stored) + len(limited) == 30
+    assert 10 <= len(stored) <= 10 + 5 * elapsed + 1, (len(stored), elapsed)
+    assert limited and all(int(head["retry-after"]) >= 1 and "rate limit" in body["detail"] for head, body in limited)
+    history = http("GET", f"{server.url}/rooms/rl/messages")[1]["messages"]
+    assert [m["text"] for m in history] == [m["text"] for m in stored]
+
+
+def test_hardening_max_rooms_refuses_new_rooms_and_keeps_the_existing_ones(serve):
+    """--max-rooms 2: a message or join that would create a third room is refused (HTTP 503 with the reason,
+    WebSocket 1013); the two existing rooms work on."""
+    server = serve("--max-rooms", "2", "--rate", "0")
+    assert http("POST", f"{server.url}/rooms/r1/messages", {"text": "one"})[0] == 201
+    assert http("POST", f"{server.url}/rooms/r2/messages", {"text": "two"})[0] == 201
+    status, body = http("POST", f"{server.url}/rooms/r3/messages", {"text": "three"})
+    assert status == 503 and "too many rooms" in body["detail"], body
+
+    async def body_():
+        async with client(server.ws_url + "/rooms/r4/ws?client_id=a") as refused:
+            code, reason = await refused.closed()
+            assert code == 1013 and "too many rooms" in reason
+        member, welcome = await join(server.ws_url + "/rooms/r1/ws?client_id=a")
+        assert welcome["last_id"] == 1
+        await member.send("still here")
+        assert (await member.messages(2))[-1]["text"] == "still here"
+        async with client(server.ws_url + "/rooms/r1/ws?client_id=b") as other:
+            await other.recv()
+        await member.close()
+
+    run(body_())
+    assert http("GET", f"{server.url}/rooms/r3/messages")[1]["messages"] == []
+
+
+def test_hardening_invalid_utf8_closes_with_1007_and_one_log_line(serve):
+    """Invalid UTF-8 in a text frame closes with 1007; each costs at most one log line, never a traceback."""
+    server = serve()
+    for attempt in range(5):
+        sock = raw_websocket(server.port, "/rooms/u/ws?client_id=bad", rcvbuf=65536)
+        sock.sendall(client_frame(0x1, b"caf\xc3 \xff\xfe"))
+        closes = [payload for opcode, payload in server_frames(sock, quiet=2, until_close=True) if opcode == 0x8]
+        assert closes and struct.unpack("!H", closes[0][:2])[0] == 1007, closes
+        sock.close()
+    http("GET", server.url + "/healthz")
+    assert_no_traceback(server)
+    assert server.log.count("invalid UTF-8") <= 5, server.log[-3000:]
+
+
+def test_hardening_dns_rebinding_host_is_refused_in_loopback_demo_mode(serve):
+    """Demo mode on 127.0.0.1: a foreign Host (a rebound DNS name) gets HTTP 400 on every route, the WebSocket
+    handshake included; loopback names pass; --allowed-host adds names; with tokens any Host is served."""
+    server = serve()
+    evil = {"Host": f"evil.test:{server.port}", "Origin": f"http://evil.test:{server.port}"}
+    for method, path, body in (("GET", "/", None), ("GET", "/rooms", None), ("GET", "/healthz", None),
+                               ("POST", "/rooms/r/messages", {"text": "x"})):
+        assert http(method, server.url + path, body, headers=evil)[0] == 400, path
+    raw_websocket(server.port, "/rooms/r/ws", host=evil["Host"], headers={"Origin": evil["Origin"]},
+                  expect=400).close()
+    for host in (f"localhost:{server.port}", f"[::1]:{server.port}", f"127.0.0.1:{server.port}", "127.0.0.2"):
+        assert http("GET", server.url + "/rooms", headers={"Host": host})[0] == 200, host
+    raw_websocket(server.port, "/rooms/r/ws", host=f"localhost:{server.port}").close()
+    assert http("GET", server.url + "/rooms/r/messages")[1]["messages"] == []
+
+    listed = serve("--allowed-host", "chat.example.com")
+    assert http("GET", listed.url + "/rooms", headers={"Host": "chat.example.com"})[0] == 200
+    assert http("GET", listed.url + "/rooms", headers={"Host": "evil.test"})[0] == 400
+    guarded = serve("--token", TOKEN)
+    assert http("GET", guarded.url + "/", headers={"Host": "chat.example.com"})[0] == 200
+    assert http("GET", guarded.url + "/rooms", headers={"Host": "evil.test", **{"Authorization": f"Bearer {TOKEN}"}})[0] == 200
+
+
+def test_hardening_short_token_never_logged_even_in_a_quoted_cookie(serve):
+    """A token shorter than the literal-masking threshold, sent as a quoted session cookie, in the query and as
+    a bearer header, never appears in a --log-level debug log."""
+    secret = "q-z7"
+    server = serve("--token", secret, "--log-level", "debug")
+
+    async def body():
+        for kwargs, url in ((dict(additional_headers={"Cookie": f'session="{secret}"'}), "/rooms/s/ws?client_id=a"),
+                            ({}, f"/rooms/s/ws?client_id=b&token={secret}"),
+                            (dict(additional_headers={"Authorization": f"Bearer {secret}"}), "/ws/c")):
+            async with client(server.ws_url + url, **kwargs) as ws:
+                await ws.send("hello")
+                await ws.recv()
+
+    run(body())
+    http("GET", server.url + "/rooms", headers={"Cookie": f'session="{secret}"'})
+    assert secret not in server.log, [line for line in server.log.splitlines() if secret in line][:5]
+
+
+# ---------------------------------------------------------------------------
 # Security: secrets never logged
 # ---------------------------------------------------------------------------
 
@@ -3198,6 +3769,93 @@ def test_redis_lost_while_running_reports_503_and_recovers(serve, redis_server):
 
     run(body(), 60)
     assert node.process.poll() is None
+    assert "Traceback" not in node.log
+
+
+# ---- Scale-out: a busy or stalled Redis ----
+
+def test_redis_a_thousand_simultaneous_joins_all_get_their_welcome(serve, redis_server):
+    """1,000 room joins at once on a healthy Redis all succeed (redis-py's default pool failed about a third of
+    300 with 1013 'Too many connections'), and /healthz stays 200 throughout."""
+    node = redis_node(serve, redis_server, "--max-connections", "2000")
+
+    async def one(i: int) -> Any:
+        socket_ = await ws_connect(room_url(node, f"storm{i % 10}", f"c{i}"), open_timeout=60, close_timeout=2)
+        return socket_, json.loads(await asyncio.wait_for(socket_.recv(), 60))
+
+    async def body():
+        joined = await asyncio.gather(*(one(i) for i in range(1000)))
+        assert [welcome["type"] for _, welcome in joined] == ["welcome"] * 1000
+        assert (await ahttp("GET", node.url + "/healthz"))[0] == 200
+        await asyncio.gather(*(socket_.close() for socket_, _ in joined))
+
+    run(body(), 120)
+    assert "Too many connections" not in node.log and "unreachable" not in node.log
+
+
+def test_redis_stalled_stores_each_message_once_and_never_delivers_what_it_refused(serve, redis_server):
+    """Redis stopped (SIGSTOP) for 8 s while a client publishes: /healthz answers 503 within 5 s; each message
+    is stored at most once; one its sender was told "not delivered" is never stored or delivered later;
+    afterwards the chat goes on and /healthz is 200 again."""
+    node = redis_node(serve, redis_server, "--rate", "0")
+    stopped: dict[str, float] = {}
+
+    async def publish(sender: Collector, text: str) -> bool:
+        """Send one message and wait for its outcome: True delivered, False refused."""
+        errors = sum(1 for f in sender.frames if isinstance(f, dict) and f.get("type") == "error")
+        await sender.ws.send(text)
+        outcome = await wait_for_condition(lambda: (text in sender.texts() and "delivered") or (
+            sum(1 for f in sender.frames if isinstance(f, dict) and f.get("type") == "error") > errors
+            and "refused"), timeout=15)
+        return outcome == "delivered"
+
+    async def watch_health() -> None:
+        while "unhealthy" not in stopped:
+            if (await ahttp("GET", node.url + "/healthz"))[0] == 503:
+                stopped["unhealthy"] = time.monotonic()
+            await asyncio.sleep(0.2)
+
+    async def body():
+        listener = Collector((await join(room_url(node, "stall", "listener")))[0])
+        sender = Collector((await join(room_url(node, "stall", "sender")))[0])
+        outcomes: dict[str, bool] = {}
+        for i in range(5):
+            outcomes[f"before {i}"] = await publish(sender, f"before {i}")
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        stopped["at"] = time.monotonic()
+        health = asyncio.ensure_future(watch_health())
+        try:
+            i = 0
+            while time.monotonic() - stopped["at"] < 8:
+                outcomes[f"during {i}"] = await publish(sender, f"during {i}")
+                i += 1
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        await asyncio.wait_for(health, 5)
+        await wait_for_condition(lambda: _health(node, 200), 15)
+        for i in range(5):
+            outcomes[f"after {i}"] = await publish(sender, f"after {i}")
+        await asyncio.sleep(1.0)   # proving a negative: nothing refused arrives late
+        refused = {text for text, delivered in outcomes.items() if not delivered}
+        delivered = [text for text, ok in outcomes.items() if ok]
+        status, page = await ahttp("GET", node.url + "/rooms/stall/messages")
+        stored = [m["text"] for m in page["messages"]]
+        assert refused, "no publish was refused during the stall"
+        assert all(outcomes[f"before {i}"] and outcomes[f"after {i}"] for i in range(5)), outcomes
+        assert stored == delivered and len(set(stored)) == len(stored), (stored, outcomes)
+        ids = [m["id"] for m in page["messages"]]
+        assert ids == sorted(set(ids))
+        assert listener.texts() == delivered and not refused & set(sender.texts())
+        for who in (listener, sender):
+            await who.stop()
+            await who.ws.close()
+
+    try:
+        run(body(), 90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+    assert stopped["unhealthy"] - stopped["at"] <= 5.0, stopped
     assert "Traceback" not in node.log
 
 
