@@ -62,9 +62,7 @@ except ImportError:   # not POSIX: the kernel's send queue is not asked (see _Se
 
 import click
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field, ValidationError
 from starlette import status
 from starlette.requests import HTTPConnection
 from starlette.routing import Router, WebSocketRoute
@@ -2159,11 +2157,29 @@ def _redact_uvicorn_logs(tokens: Iterable[str]) -> None:
 # App factory and routes
 # ---------------------------------------------------------------------------
 
-class PostedMessage(BaseModel):
-    """Body of ``POST /rooms/{room}/messages``."""
+@dataclass(frozen=True, slots=True)
+class PostedMessage:
+    """Body of ``POST /rooms/{room}/messages``: ``{"text": ..., "from": optional}``."""
 
-    text: str = Field(min_length=1)
-    sender: str | None = Field(default=None, alias="from", min_length=1, max_length=64)
+    text: str
+    sender: str | None = None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> PostedMessage:
+        """The body, or HTTP 422 saying what is wrong with it."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise HTTPException(422, 'body must be JSON: {"text": "...", "from": optional}') from None
+        if not isinstance(data, dict):
+            raise HTTPException(422, f"body must be a JSON object, got {type(data).__name__}")
+        sender = data.get("from")
+        if sender is not None and not valid_client_id(sender):
+            raise HTTPException(422, '"from" must be a client id: 1-64 characters, no control characters')
+        try:
+            return cls(checked_text(data.get("text")), sender)
+        except ProtocolError as exc:
+            raise HTTPException(422, str(exc)) from None
 
 
 BODY_OVERHEAD = 4096   # bytes a request body may have beyond max_message_size (JSON quoting, "from")
@@ -2248,7 +2264,7 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
                            room: str = Depends(_room_param)) -> dict:
         # The body is read here, after the token check and the rate limit, never before.
         _check_post_rate(chat, request, admission)
-        body = _posted_message(await _read_body(request, chat.settings.max_message_size + BODY_OVERHEAD))
+        body = PostedMessage.parse(await _read_body(request, chat.settings.max_message_size + BODY_OVERHEAD))
         sender = body.sender or admission.identity or "server"
         if admission.identity is not None and sender != admission.identity:
             raise HTTPException(status.HTTP_403_FORBIDDEN, '"from" must be your own identity')
@@ -2280,13 +2296,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"request body larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _posted_message(raw: bytes) -> PostedMessage:
-    try:
-        return PostedMessage.model_validate_json(raw)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 async def _broker_call(awaitable: Awaitable[Any]) -> Any:

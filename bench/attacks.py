@@ -896,7 +896,7 @@ def room_flood(r: Result) -> None:
         async def worker():   # 16 of these, each pipelining 100 POSTs at a time
             deadline = time.monotonic() + secs
             while time.monotonic() < deadline:
-                batch = [post_bytes(srv.port, f"r{i}", "x") for i, _ in zip(numbers, range(100))]
+                batch = [post_bytes(srv.port, f"r{i}", "x") for _, i in zip(range(100), numbers)]
                 if not batch:
                     return
                 statuses.update(await pipeline(srv.port, batch, timeout=20))
