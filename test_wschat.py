@@ -1927,6 +1927,24 @@ def test_e2e_host_app_with_wschat_protocol(serve, tmp_path, deflate):
     assert "Traceback" not in server.log
 
 
+def test_serving_protocols_fall_back_to_uvicorn_when_what_they_rely_on_is_missing():
+    """wschat's protocol subclasses check what they rely on in uvicorn; a class lacking a method or an
+    attribute its __init__ sets is reported, and then uvicorn's own protocol is used."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    class Older:   # like uvicorn 0.52.0: no pause_writing, never assigns `disconnected`
+        def __init__(self) -> None:
+            self.writable = self.transport = None
+
+        def handle_ping(self) -> None: ...
+
+    assert wschat._lacks(Older, ("handle_ping", "pause_writing"), ("writable", "disconnected")) == [
+        "pause_writing", "disconnected"]
+    assert wschat._lacks(WebSocketsSansIOProtocol, wschat._SANSIO_NEEDS, wschat._SANSIO_ATTRIBUTES) == []
+    assert wschat._serving_protocols() == {"http": "wschat:bounded_http_protocol",
+                                           "ws": "wschat:coalescing_websocket_protocol"}
+
+
 def test_e2e_uvicorn_factory(serve):
     """`uvicorn --factory wschat:create_app` serves the chat."""
     server = serve(command=[sys.executable, "-m", "uvicorn", "--factory", "wschat:create_app"],
