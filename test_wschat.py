@@ -917,10 +917,10 @@ class LaggingBroker(wschat.MemoryBroker):
         await super().start(listener)
         self.manager = listener
 
-    async def publish(self, room: str, sender: str, text: str) -> dict:
+    async def publish(self, room: str, sender: str, text: str, **kwargs: Any) -> tuple[dict, str]:
         self.manager.deliver = lambda *delivery: self.held.append(delivery)   # hold instead of delivering
         try:
-            return await super().publish(room, sender, text)
+            return await super().publish(room, sender, text, **kwargs)
         finally:
             del self.manager.deliver
 
@@ -1234,7 +1234,8 @@ def test_app_members_lists_distinct_client_ids():
 
 
 def test_app_post_message_returns_201_with_stored_message():
-    """POST /rooms/{room}/messages stores, numbers and delivers the message; "from" defaults to server."""
+    """POST /rooms/{room}/messages stores, numbers and delivers the message; "from" defaults to server, and
+    a caller without an identity is host code: "system": true."""
     with TestClient(create_app()) as tc:
         with tc.websocket_connect("/rooms/r/ws?client_id=alice") as alice:
             next_frame(alice, "welcome")
@@ -1242,7 +1243,7 @@ def test_app_post_message_returns_201_with_stored_message():
             second = post(tc, "r", "paid", **{"from": "billing"})
             assert next_frame(alice, "message") == first
             assert next_frame(alice, "message") == second
-    assert set(first) == {"type", "id", "room", "from", "text", "ts"}
+    assert set(first) == {"type", "id", "room", "from", "text", "ts", "system"} and first["system"] is True
     assert (first["id"], first["room"], first["from"], first["text"]) == (1, "r", "server", "deploy done")
     assert (second["id"], second["from"]) == (2, "billing")
     assert isinstance(first["ts"], float)
@@ -2273,7 +2274,7 @@ def test_authenticate_identity_becomes_client_id(hook):
 @pytest.mark.parametrize("hook", [sync_hook, async_hook], ids=["sync", "async"])
 def test_authenticate_none_refuses_with_1008(hook):
     """When the hook returns None (or there is no credential) every WebSocket route is refused with 1008, HTTP with 401."""
-    with TestClient(wschat.create_app(authenticate=hook)) as http_client:
+    with TestClient(wschat.create_app(authenticate=hook, routes=wschat.ROUTE_GROUPS)) as http_client:
         for path in ("/ws", "/ws/carol", "/items/foo/ws", "/rooms/r/ws"):
             for suffix in ("", "?token=unknown"):
                 with pytest.raises(WebSocketDisconnect) as refused:

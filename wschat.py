@@ -62,7 +62,7 @@ except ImportError:   # not POSIX: the kernel's send queue is not asked (see _Se
 
 import click
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette import status
 from starlette.requests import HTTPConnection
 from starlette.routing import Router, WebSocketRoute
@@ -107,6 +107,19 @@ class BrokerUnavailable(RuntimeError):
 
 class RoomLimitReached(RuntimeError):
     """The broker holds ``max_rooms`` rooms: a join or message that would create another is refused."""
+
+
+class Reject(Exception):
+    """Raised by an ``on_message`` hook to refuse a message: its sender gets ``reason`` (an
+    error frame, or HTTP 422) and nothing is stored or delivered."""
+
+    def __init__(self, reason: str = "message refused") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotAllowed(Reject):
+    """``authorize`` refused a message: an error frame over WebSocket, HTTP 403 over HTTP."""
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +218,70 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
+ROUTE_GROUPS = frozenset({"page", "api", "rooms", "lobby", "echo", "items"})
+TUTORIAL_ROUTES = frozenset({"echo", "items"})   # they echo what they are sent, credentials included
+ACTIONS = ("join", "read", "members", "post", "list", "delete", "stats")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The embedding hooks of SPEC section 11: each optional, each a sync or async callable.
+
+    * ``identify(connection) -> str | None``: who the request or handshake is (any cookie,
+      header, ``scope["session"]``); None refuses it. ``authenticate(credential)`` is the
+      shorthand that receives the credential string (cookie ``session``, query ``token``
+      or a bearer header). With either, the identity is the client id.
+    * ``authorize(identity, action, room) -> bool``: asked before every access (``ACTIONS``);
+      False, or raising, refuses.
+    * ``on_message(draft) -> str | None``: every message a client sends, before it is
+      stored or delivered: None keeps it, a string replaces it, ``Reject`` refuses it.
+    * ``on_published(message)``, ``on_join(room, client_id)``, ``on_leave(room, client_id)``:
+      notifications, run in the background; what they raise is logged.
+
+    Sync hooks run on the event loop: keep them quick, and make hooks that do I/O async.
+    """
+
+    identify: Callable[[HTTPConnection], Any] | None = None
+    authenticate: Callable[[str], Any] | None = None
+    authorize: Callable[[str | None, str, str | None], Any] | None = None
+    on_message: Callable[[Draft], Any] | None = None
+    on_published: Callable[[dict], Any] | None = None
+    on_join: Callable[[str, str], Any] | None = None
+    on_leave: Callable[[str, str], Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("identify", "authenticate", "authorize", "on_message", "on_published", "on_join", "on_leave"):
+            _require(getattr(self, name) is None or callable(getattr(self, name)), name, getattr(self, name),
+                     "a callable or None")
+        _require(self.identify is None or self.authenticate is None, "identify", self.identify,
+                 "given alone: identify= and authenticate= are two ways to do the same thing")
+
+    @property
+    def identifies(self) -> bool:
+        """Whether an identity hook decides who clients are (else client ids are self-asserted)."""
+        return self.identify is not None or self.authenticate is not None
+
+
+def route_groups(routes: Iterable[str] | None, hooks: Hooks) -> frozenset[str]:
+    """The route groups an app serves: ``routes`` as given, else all of them, except the
+    tutorial routes when an identity hook is set (the item route would echo a session
+    cookie back to page scripts)."""
+    if routes is None:
+        return ROUTE_GROUPS - TUTORIAL_ROUTES if hooks.identifies else ROUTE_GROUPS
+    groups = frozenset(_as_tuple(routes))
+    _require(groups <= ROUTE_GROUPS, "routes", sorted(groups - ROUTE_GROUPS), f"names from {sorted(ROUTE_GROUPS)}")
+    return groups
+
+
+async def _result_of(value: Any) -> Any:
+    """What a sync or async hook returned."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def _hook_name(hook: Callable) -> str:
+    return getattr(hook, "__qualname__", None) or getattr(hook, "__name__", None) or repr(hook)
+
+
 # ---------------------------------------------------------------------------
 # Protocol: names, frames and events (pure functions)
 # ---------------------------------------------------------------------------
@@ -295,8 +372,21 @@ def parse_client_frame(frame: str) -> ClientCommand:
     return ClientCommand("message", checked_text(data.get("text")), to)
 
 
-def message_event(room: str, message_id: int | None, sender: str, text: str, *, to: str | None = None) -> dict:
-    """A chat message as clients see it; direct messages carry ``to`` and no id."""
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message a client sent, as ``on_message`` sees it: before anything is stored or delivered."""
+
+    room: str
+    sender: str
+    text: str
+    to: str | None = None   # the recipient of a direct message
+    source: str = "ws"      # "ws" (room route), "lobby" or "http" (POST)
+
+
+def message_event(room: str, message_id: int | None, sender: str, text: str, *, to: str | None = None,
+                  system: bool = False) -> dict:
+    """A chat message as clients see it; direct messages carry ``to`` and no id, messages from
+    host code ``"system": true``."""
     event: dict[str, Any] = {"type": "message"}
     if message_id is not None:
         event["id"] = message_id
@@ -304,7 +394,13 @@ def message_event(room: str, message_id: int | None, sender: str, text: str, *, 
     if to is not None:
         event["to"] = to
     event.update({"text": text, "ts": time.time()})
+    if system:
+        event["system"] = True
     return event
+
+
+def deleted_frame(room: str, message_id: int) -> str:
+    return encode({"type": "deleted", "room": room, "id": message_id})
 
 
 def presence_frame(room: str, joined: list[str], left: list[str], count: int) -> str:
@@ -501,15 +597,16 @@ class Connection:
     ``frame_limit`` (``send_queue``) frames marks a client too slow: the manager drops it.
     """
 
-    __slots__ = ("socket", "client_id", "room", "view", "credential", "state", "last_seen", "bucket",
+    __slots__ = ("socket", "client_id", "identity", "room", "view", "credential", "state", "last_seen", "bucket",
                  "frame_limit", "idle_timer", "give_up", "_manager", "_loop", "_send", "_server", "_send_nowait",
                  "_outbox", "_backlog", "_writer", "_wakeup", "_close_frame")
 
     def __init__(self, manager: ConnectionManager, socket: ChatSocket, *, client_id: str,
-                 room: str | None, view: str, credential: str | None = None) -> None:
+                 room: str | None, view: str, credential: str | None = None, identity: str | None = None) -> None:
         settings = manager.settings
         self.socket = socket
         self.client_id = client_id
+        self.identity = identity             # from an identity hook; None when client ids are self-asserted
         self.room = room
         self.view = view
         self.credential = credential
@@ -807,14 +904,17 @@ class ConnectionManager:
     ``send_personal_message``, ``broadcast`` and ``active_connections``.
     """
 
-    def __init__(self, settings: Settings | None = None, *, broker: Broker | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, broker: Broker | None = None,
+                 hooks: Hooks | None = None) -> None:
         self.settings = settings or Settings()
+        self.hooks = hooks or Hooks()
         self.broker: Broker = broker or broker_from_url(self.settings.broker, history=self.settings.history,
                                                         max_rooms=self.settings.max_rooms)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.post_limiter = RateLimiter(self.settings.rate, self.settings.rate_burst)
         self._connections: dict[ChatSocket, Connection] = {}   # every connection not yet ENDED
         self._rooms: dict[str, Room] = {}
+        self._notifications: set[asyncio.Task] = set()          # async notification hooks running
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self.messages_in = 0
@@ -842,8 +942,8 @@ class ConnectionManager:
         for conn in list(self._connections.values()):
             self.close(conn, WS_1001_GOING_AWAY, "server shutting down")
         writers = [conn.writer for conn in self._connections.values() if conn.writer is not None]
-        if writers:   # the close frames go out; a client that never reads is not waited for
-            await asyncio.wait(writers, timeout=grace)
+        if writers or self._notifications:   # close frames go out, hooks finish; nobody is waited for long
+            await asyncio.wait([*writers, *self._notifications], timeout=grace)
         await self.broker.stop()
         self._started = False
 
@@ -879,10 +979,11 @@ class ConnectionManager:
 
     async def connect(self, websocket: ChatSocket, *, client_id: str | None = None, room: str | None = None,
                       view: str | None = None, since: int | None = None, epoch: str | None = None,
-                      credential: str | None = None) -> Connection | None:
+                      credential: str | None = None, identity: str | None = None) -> Connection | None:
         """Accept a socket and, with ``room``, join it: the room protocol by default,
         the lobby text view with ``view=TEXT_VIEW``. Returns None when the server is
-        full (the socket was closed with 1013)."""
+        full (the socket was closed with 1013). Authorization is the caller's: the routes
+        ask ``allowed(identity, "join", room)`` before they accept."""
         await self.start()
         if self._held_connections(websocket) >= self.settings.max_connections:
             await websocket.accept()
@@ -891,7 +992,7 @@ class ConnectionManager:
         await websocket.accept()
         view = view or (JSON_VIEW if room is not None else PLAIN_VIEW)
         conn = Connection(self, websocket, client_id=client_id or self.new_guest_id(), room=room,
-                          view=view, credential=credential)
+                          view=view, credential=credential, identity=identity)
         self._connections[websocket] = conn
         self._watch_idle(conn)
         if room is not None:
@@ -1015,6 +1116,7 @@ class ConnectionManager:
             if conn.client_id not in room.announced and room.holds(conn):
                 room.announced.add(conn.client_id)
                 self.broker.join(name, conn.client_id)
+                self._notify(self.hooks.on_join, name, conn.client_id)
             if conn.view == JSON_VIEW:
                 await self._welcome(room, conn, since, epoch)
         except BaseException:
@@ -1048,6 +1150,7 @@ class ConnectionManager:
         if room.remove(conn) and conn.client_id in room.announced:
             room.announced.discard(conn.client_id)
             self.broker.leave(room.name, conn.client_id)
+            self._notify(self.hooks.on_leave, room.name, conn.client_id)
         if not room.clients:
             if room.presence_timer is not None:
                 room.presence_timer.cancel()
@@ -1104,9 +1207,12 @@ class ConnectionManager:
         else:
             rooms = [self._rooms[room_name]] if room_name in self._rooms else []
         sender, recipient, text = message["from"], message["to"], message["text"]
+        # A copy for the sender goes to its own connections; host code has none, whatever a
+        # client calls itself (a client named "server" must not read the host's messages).
+        targets = (recipient,) if message.get("system") else tuple(dict.fromkeys((recipient, sender)))
         for room in rooms:
             shared = text_message(encode({**message, "room": room.name}))
-            for client_id in dict.fromkeys((recipient, sender)):
+            for client_id in targets:
                 for conn in tuple(room.clients.get(client_id, ())):
                     if conn.view == TEXT_VIEW:
                         conn.push(f"You wrote: {text}" if client_id == sender
@@ -1146,6 +1252,114 @@ class ConnectionManager:
             frame = presence_frame(room.name, joined, left, self.broker.count(room.name))
             room.fan_out(text_message(frame))
 
+    def kicked(self, client_id: str, room: str | None, code: int, reason: str) -> int:
+        """Close ``client_id``'s connections here (in ``room``, or all); how many were closed."""
+        found = [conn for conn in self._connections.values() if conn.client_id == client_id
+                 and conn.state is ConnectionState.OPEN and (room is None or conn.room == room)]
+        for conn in found:
+            self.close(conn, code, reason)
+        return len(found)
+
+    def deleted(self, room_name: str, message_id: int) -> None:
+        """A retained message was deleted: room-protocol members are told to drop it."""
+        room = self._rooms.get(room_name)
+        if room is not None:
+            self.messages_out += room.fan_out(text_message(deleted_frame(room_name, message_id)))
+
+    # -- hooks -----------------------------------------------------------------
+
+    async def allowed(self, identity: str | None, action: str, room: str | None) -> bool:
+        """The ``authorize`` hook's answer (True without one). A hook that raises refuses:
+        fail closed, logged once with its traceback."""
+        hook = self.hooks.authorize
+        if hook is None:
+            return True
+        try:
+            return bool(await _result_of(hook(identity, action, room)))
+        except Exception:
+            logger.exception("authorize hook %s raised for (%r, %r, %r); refused",
+                             _hook_name(hook), identity, action, room)
+            return False
+
+    async def _screen(self, draft: Draft) -> str:
+        """The ``on_message`` hook: the text to store and deliver, or Reject."""
+        hook = self.hooks.on_message
+        if hook is None:
+            return draft.text
+        try:
+            result = await _result_of(hook(draft))
+        except Reject:
+            raise
+        except Exception:
+            logger.exception("on_message hook %s raised; message refused", _hook_name(hook))
+            raise Reject("message refused") from None
+        if result is None:
+            return draft.text
+        try:
+            text = checked_text(result)
+        except ProtocolError as exc:
+            logger.error("on_message hook %s returned an unusable text (%s); message refused", _hook_name(hook), exc)
+            raise Reject("message refused") from None
+        limit = self.settings.max_message_size
+        if utf8_length(text) > limit:
+            raise Reject(f"message larger than {limit} bytes once rewritten")
+        return text
+
+    def _notify(self, hook: Callable | None, *args: Any) -> None:
+        """Run a notification hook (on_published, on_join, on_leave) in the background: after
+        what it reports, never delaying it. What it raises is logged, never raised into the chat."""
+        if hook is not None:
+            self.loop.call_soon(self._run_notification, hook, args)
+
+    def _run_notification(self, hook: Callable, args: tuple) -> None:
+        try:
+            result = hook(*args)
+        except Exception:
+            logger.exception("hook %s raised", _hook_name(hook))
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._notifications.add(task)
+            task.add_done_callback(functools.partial(self._notification_done, _hook_name(hook)))
+
+    def _notification_done(self, name: str, task: asyncio.Task) -> None:
+        self._notifications.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("hook %s raised", name, exc_info=task.exception())
+
+    # -- client messages: one path for the room route, the lobby and POST -------
+
+    async def submit(self, draft: Draft, identity: str | None, *, system: bool = False,
+                     authorized: bool = False) -> dict | None:
+        """A message a client sent, after the size, rate and validation checks: authorize
+        ``"post"``, ``on_message``, then stored and delivered (a direct message: delivered
+        to its recipient and its sender). Returns the stored message (None for a direct
+        one). Raises Reject (NotAllowed when authorize says no), BrokerUnavailable,
+        RoomLimitReached. What is stored is exactly what is delivered. ``authorized``: the
+        caller has asked authorize already (POST does, before it reads the body)."""
+        if not authorized and not await self.allowed(identity, "post", draft.room):
+            raise NotAllowed(f"not allowed to post in room {draft.room!r}")
+        if draft.to is not None and not await self.broker.is_member(draft.room, draft.to):
+            raise Reject(f"no member {draft.to!r} in room {draft.room!r}")
+        text = await self._screen(draft)
+        if draft.to is None:
+            return await self._store(draft.room, draft.sender, text, system=system)
+        await self.broker.direct(draft.room, message_event(draft.room, None, draft.sender, text, to=draft.to))
+        return None
+
+    async def _store(self, room: str, sender: str, text: str, *, system: bool) -> dict:
+        message, epoch = await self.broker.publish(room, sender, text, system=system)
+        self._notify(self.hooks.on_published, {**message, "epoch": epoch})
+        return message
+
+    async def _submit_from(self, conn: Connection, draft: Draft) -> None:
+        try:
+            await self.submit(draft, conn.identity)
+        except Reject as exc:
+            conn.send_error(exc.reason)
+        except (BrokerUnavailable, RoomLimitReached) as exc:
+            conn.send_error(f"not delivered: {_close_reason(exc)}")
+
     # -- the room protocol ---------------------------------------------------
 
     async def handle_frame(self, conn: Connection, frame: str) -> None:
@@ -1158,33 +1372,23 @@ class ConnectionManager:
         if command.kind == "ping":
             conn.push(PONG_FRAME)
             return
-        try:
-            if command.to is None:
-                await self.broker.publish(conn.room, conn.client_id, command.text)  # type: ignore[arg-type]
-            else:
-                await self._send_direct(conn, command.to, command.text)
-        except (BrokerUnavailable, RoomLimitReached) as exc:
-            conn.send_error(f"not delivered: {_close_reason(exc)}")
+        await self._submit_from(conn, Draft(conn.room, conn.client_id, command.text, command.to,  # type: ignore[arg-type]
+                                            "ws"))
 
     async def handle_text(self, conn: Connection, text: str) -> None:
         """Act on one lobby text-view frame: the whole frame is the message."""
         try:
-            await self.broker.publish(conn.room, conn.client_id, checked_text(text))  # type: ignore[arg-type]
-        except (ProtocolError, BrokerUnavailable, RoomLimitReached) as exc:
+            text = checked_text(text)
+        except ProtocolError as exc:
             conn.send_error(str(exc))
-
-    async def _send_direct(self, conn: Connection, to: str, text: str) -> None:
-        room = conn.room
-        assert room is not None
-        if not await self.broker.is_member(room, to):
-            conn.send_error(f"no member {to!r} in room {room!r}")
             return
-        await self.broker.direct(room, message_event(room, None, conn.client_id, text, to=to))
+        await self._submit_from(conn, Draft(conn.room, conn.client_id, text, None, "lobby"))  # type: ignore[arg-type]
 
     # -- host API --------------------------------------------------------------
 
     async def publish(self, room: str, text: str, *, sender: str = "server") -> dict:
-        """Publish a message to a room as ``sender``: stored, numbered, delivered to every member.
+        """Publish a message to a room as ``sender``: stored, numbered, delivered to every member,
+        marked ``"system": true`` (host code, not a client: no authorize, no on_message).
 
         Raises ValueError for a bad room name, sender or text, BrokerUnavailable when
         the broker cannot be reached, RoomLimitReached when it would create a room over
@@ -1199,21 +1403,22 @@ class ConnectionManager:
         if utf8_length(text) > self.settings.max_message_size:
             raise ValueError(f"text is larger than max_message_size ({self.settings.max_message_size} bytes)")
         await self.start()
-        return await self.broker.publish(room, sender, text)
+        return await self._store(room, sender, text, system=True)
 
     async def send_personal_message(self, message: str, to: ChatSocket | Connection | str, *,
                                     room: str | None = None, sender: str = "server") -> None:
         """Send ``message`` to one client.
 
         ``to`` a socket or Connection: the text goes to it as is (the tutorial's use).
-        ``to`` a client id: a direct message frame to that client's connections, in
-        ``room`` or, without it, in every room where it is connected.
+        ``to`` a client id: a direct message frame (``"system": true``) to that client's
+        connections only, in ``room`` or, without it, in every room where it is connected.
         """
         if isinstance(to, str):
             if room is not None:
                 _check_room(room)
             await self.start()
-            await self.broker.direct(room, message_event(room or "", None, sender, checked_text(message), to=to))
+            await self.broker.direct(room, message_event(room or "", None, sender, checked_text(message), to=to,
+                                                         system=True))
             return
         conn = to if isinstance(to, Connection) else self._connections.get(to)
         if conn is None:
@@ -1242,6 +1447,26 @@ class ConnectionManager:
                 conn.push_message(shared)
         self.messages_out += reached
         return reached
+
+    async def kick(self, client_id: str, *, room: str | None = None, code: int = 4003, reason: str = "removed") -> int:
+        """Close ``client_id``'s connections, in ``room`` or everywhere, on every process with a
+        broker; returns how many this process closed. The page does not reconnect after a
+        close code 4000-4999. To keep the client out, let ``authorize`` refuse it too."""
+        _require(code == 1000 or 3000 <= code <= 4999, "code", code, "1000 or 3000-4999")
+        if room is not None:
+            _check_room(room)
+        await self.start()
+        closed = self.kicked(client_id, room, code, reason)
+        await self.broker.kick(client_id, room, code, reason)
+        return closed
+
+    async def delete_message(self, room: str, message_id: int) -> bool:
+        """Remove a message from the retained history (every process's, with a broker) and tell
+        the room's members (``{"type": "deleted", "room", "id"}``). False when no such message
+        is retained. A client that was away keeps its copy."""
+        _check_room(room)
+        await self.start()
+        return await self.broker.delete(room, message_id)
 
     async def members(self, room: str) -> list[str]:
         """Every client id connected to ``room`` (on any process, with a shared broker)."""
@@ -1312,6 +1537,12 @@ class BrokerListener(Protocol):
     def resync(self, room: str) -> None:
         """Deliveries for ``room`` may have been missed (the broker reconnected)."""
 
+    def kicked(self, client_id: str, room: str | None, code: int, reason: str) -> int:
+        """Another process's ``kick``: close ``client_id``'s connections here."""
+
+    def deleted(self, room: str, message_id: int) -> None:
+        """A retained message of ``room`` was deleted, on any process."""
+
     def local_members(self) -> dict[str, list[str]]:
         """Client ids this process has in each room (for the broker's heartbeat)."""
 
@@ -1327,8 +1558,12 @@ class Broker(Protocol):
     async def start(self, listener: BrokerListener) -> None: ...
     async def stop(self) -> None: ...
     def health(self) -> tuple[bool, str]: ...
-    async def publish(self, room: str, sender: str, text: str) -> dict: ...
+    async def publish(self, room: str, sender: str, text: str, *, system: bool = False) -> tuple[dict, str]:
+        """Store, number and deliver a message; the stored message and its sequence's epoch."""
     async def direct(self, room: str | None, message: dict) -> None: ...
+    async def kick(self, client_id: str, room: str | None, code: int, reason: str) -> None:
+        """Tell the other processes (the local one is the manager's)."""
+    async def delete(self, room: str, message_id: int) -> bool: ...
     async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]: ...
     async def subscribe(self, room: str) -> None: ...
     def unsubscribe(self, room: str) -> None: ...
@@ -1398,19 +1633,31 @@ class MemoryBroker:
         if room is not None and not (room.members or room.subscribers or room.last_id):
             del self._rooms[name]   # nothing to remember: no member, and no id was ever given out
 
-    async def publish(self, room: str, sender: str, text: str) -> dict:
+    async def publish(self, room: str, sender: str, text: str, *, system: bool = False) -> tuple[dict, str]:
         sequence = self._room(room)
         sequence.last_id += 1
-        message = message_event(room, sequence.last_id, sender, text)
+        message = message_event(room, sequence.last_id, sender, text, system=system)
         frame = encode(message)
         if self._history:
             sequence.retained.append((message, frame))
         self._listener.deliver(room, message, frame, sequence.epoch)  # type: ignore[union-attr]
         self._forget_if_idle(room)
-        return message
+        return message, sequence.epoch
 
     async def direct(self, room: str | None, message: dict) -> None:
         self._listener.deliver_direct(room, message)  # type: ignore[union-attr]
+
+    async def kick(self, client_id: str, room: str | None, code: int, reason: str) -> None:
+        pass   # one process: the manager has closed them
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        sequence = self._rooms.get(room)
+        found = [item for item in sequence.retained if item[0]["id"] == message_id] if sequence else []
+        if not found:
+            return False
+        sequence.retained.remove(found[0])  # type: ignore[union-attr]
+        self._listener.deleted(room, message_id)  # type: ignore[union-attr]
+        return True
 
     async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
         sequence = self._rooms.get(room)
@@ -1480,7 +1727,10 @@ class RedisBroker:
       ``epoch``; ``frame`` is the message frame exactly as clients receive it;
     * ``d<json>`` (``PAYLOAD_DIRECT``): a direct message, never stored;
     * ``p+<node> <client id>`` and ``p-...`` (``PAYLOAD_PRESENCE``): a client id joined
-      or left on one process.
+      or left on one process;
+    * ``x<id>`` (``PAYLOAD_DELETED``): a retained message was deleted;
+    * ``k<json>`` (``PAYLOAD_KICK``, on ``wschat:nodes``): close a client's connections;
+      the process that sent it ignores it (its manager already did).
 
     Each process holds one pub/sub connection, subscribed to a room only while it has
     members there. When that connection is lost the broker reconnects with backoff,
@@ -1500,7 +1750,7 @@ class RedisBroker:
     ROOM_PREFIX = "wschat:room:"        # room:R keys, and the room's channel
     ROOMS = "wschat:rooms"
     NODES_CHANNEL = "wschat:nodes"
-    PAYLOAD_MESSAGE, PAYLOAD_DIRECT, PAYLOAD_PRESENCE = "m", "d", "p"
+    PAYLOAD_MESSAGE, PAYLOAD_DIRECT, PAYLOAD_PRESENCE, PAYLOAD_DELETED, PAYLOAD_KICK = "m", "d", "p", "x", "k"
     POOL_SIZE = 64              # connections per process; more callers wait their turn instead of failing
     POOL_WAIT = 5.0             # seconds a caller waits for a pooled connection
     PUBLISH_DEADLINE = 3.0      # seconds after sending, in Redis's clock, past which the script refuses to run
@@ -1508,11 +1758,13 @@ class RedisBroker:
     RECEIPT_TTL = 10            # seconds a publish's nonce is remembered: longer than any retry
     HEALTH_INTERVAL = 1.0       # seconds between health probes
     HEALTH_TIMEOUT = 2.0        # a probe unanswered this long: /healthz says Redis is not answering
+    # KEYS: room hash, history, receipt. ARGV: a new epoch, frame head and tail, history
+    # size, channel, deadline (ms, Redis clock), receipt TTL. Returns {id, epoch}; id 0: too late.
     PUBLISH_SCRIPT = """
         local stored = redis.call('GET', KEYS[3])
-        if stored then return tonumber(stored) end
+        if stored then return {tonumber(stored), redis.call('HGET', KEYS[1], 'epoch')} end
         local now = redis.call('TIME')
-        if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then return 0 end
+        if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then return {0, ''} end
         redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
         local id = redis.call('HINCRBY', KEYS[1], 'id', 1)
         if id == 1 then redis.call('DEL', KEYS[2]) end
@@ -1525,7 +1777,18 @@ class RedisBroker:
         redis.call('SET', KEYS[3], id, 'EX', ARGV[7])
         local epoch = redis.call('HGET', KEYS[1], 'epoch')
         redis.call('PUBLISH', ARGV[5], 'm' .. epoch .. ' ' .. frame)
-        return id
+        return {id, epoch}
+    """
+    # KEYS: history. ARGV: the frame prefix that names the id, channel, id. Returns 1 when deleted.
+    DELETE_SCRIPT = """
+        for _, frame in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+            if string.sub(frame, 1, #ARGV[1]) == ARGV[1] then
+                redis.call('LREM', KEYS[1], 1, frame)
+                redis.call('PUBLISH', ARGV[2], 'x' .. ARGV[3])
+                return 1
+            end
+        end
+        return 0
     """
 
     def __init__(self, url: str, *, history: int = 100, presence_ttl: float | None = None) -> None:
@@ -1543,6 +1806,7 @@ class RedisBroker:
         self._client: Any = None
         self._pubsub: Any = None
         self._script: Any = None
+        self._delete_script: Any = None
         self._tasks: set[asyncio.Task] = set()
         self._commands: asyncio.Queue[tuple[str, str, str]] | None = None
         self._subscription_lock: asyncio.Lock | None = None
@@ -1587,6 +1851,7 @@ class RedisBroker:
         self._listener = listener
         self._client = self._new_client()
         self._script = self._client.register_script(self.PUBLISH_SCRIPT)
+        self._delete_script = self._client.register_script(self.DELETE_SCRIPT)
         self._commands = asyncio.Queue()
         self._subscription_lock = asyncio.Lock()
         self._first_attempt = asyncio.Event()   # set once the listener connected or failed
@@ -1692,24 +1957,36 @@ class RedisBroker:
 
     # -- messages ------------------------------------------------------------
 
-    async def publish(self, room: str, sender: str, text: str) -> dict:
-        message = message_event(room, 0, sender, text)
+    MESSAGE_HEAD = '{"type":"message","id":'   # every stored frame starts so, then its id and a comma
+
+    async def publish(self, room: str, sender: str, text: str, *, system: bool = False) -> tuple[dict, str]:
+        message = message_event(room, 0, sender, text, system=system)
         body = {key: value for key, value in message.items() if key not in ("type", "id")}
-        head, tail = '{"type":"message","id":', "," + encode(body)[1:]
+        head, tail = self.MESSAGE_HEAD, "," + encode(body)[1:]
         deadline_ms = int((time.time() + self._clock_offset + self.PUBLISH_DEADLINE) * 1000)
         receipt = self._key(room, "sent", secrets.token_hex(8))
-        message_id = int(await self._call(self._script(
+        message_id, epoch = await self._call(self._script(
             keys=[self._key(room), self._key(room, "history"), receipt],
             args=[secrets.token_hex(6), head, tail, self._history, self._channel(room), deadline_ms,
-                  self.RECEIPT_TTL]), timeout=self.PUBLISH_TIMEOUT))
+                  self.RECEIPT_TTL]), timeout=self.PUBLISH_TIMEOUT)
         if not message_id:
             raise self._failed(TimeoutError("redis ran the publish after its deadline; not stored"))
-        message["id"] = message_id
-        return message
+        message["id"] = int(message_id)
+        return message, epoch
 
     async def direct(self, room: str | None, message: dict) -> None:
         channel = self._channel(room) if room else self.NODES_CHANNEL
         await self._call(self._client.publish(channel, self.PAYLOAD_DIRECT + encode(message)))
+
+    async def kick(self, client_id: str, room: str | None, code: int, reason: str) -> None:
+        order = {"node": self._node, "client_id": client_id, "room": room, "code": code, "reason": reason}
+        await self._call(self._client.publish(self.NODES_CHANNEL, self.PAYLOAD_KICK + encode(order)))
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        deleted = await self._call(self._delete_script(
+            keys=[self._key(room, "history")],
+            args=[f"{self.MESSAGE_HEAD}{message_id},", self._channel(room), message_id]))
+        return bool(deleted)
 
     async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
         pipe = self._client.pipeline(transaction=True)
@@ -1822,6 +2099,12 @@ class RedisBroker:
             self._listener.deliver(room, json.loads(frame), frame, epoch)  # type: ignore[union-attr]
         elif tag == self.PAYLOAD_DIRECT:
             self._listener.deliver_direct(room, json.loads(body))  # type: ignore[union-attr]
+        elif tag == self.PAYLOAD_DELETED and room is not None:
+            self._listener.deleted(room, int(body))  # type: ignore[union-attr]
+        elif tag == self.PAYLOAD_KICK:
+            order = json.loads(body)
+            if order["node"] != self._node:
+                self._listener.kicked(order["client_id"], order["room"], order["code"], order["reason"])  # type: ignore[union-attr]
         elif tag == self.PAYLOAD_PRESENCE and room is not None:
             node, client_id = self._split_member(body[1:])
             if node != self._node:
@@ -1998,34 +2281,35 @@ def _describe_error(exc: BaseException) -> str:
 # Authentication and origin
 # ---------------------------------------------------------------------------
 
-Authenticate = Callable[[str], "str | None | Awaitable[str | None]"]
-
-
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """Who was let in: ``identity`` from the authenticate hook (else None), and the credential used."""
+    """Who was let in: ``identity`` from an identity hook (else None), and the credential used."""
 
     identity: str | None
     credential: str | None
 
 
 class Gatekeeper:
-    """Decides who may connect: the Origin check first, then tokens or the authenticate hook.
+    """Decides who may connect: the Origin check first, then an identity hook or tokens.
 
-    Credentials are read from the ``session`` cookie, the ``token`` query parameter
-    and an ``Authorization: Bearer`` header, in that order; any one that passes
-    admits the client. Tokens are compared as SHA-256 digests with
-    ``hmac.compare_digest``, so neither content nor length leaks through timing.
+    ``identify(connection)`` sees the whole request or handshake; ``authenticate`` and
+    tokens see credentials, read from the ``session`` cookie, the ``token`` query
+    parameter and an ``Authorization: Bearer`` header, in that order: any one that
+    passes admits the client. An identity hook replaces tokens. Tokens are compared as
+    SHA-256 digests with ``hmac.compare_digest``, so neither content nor length leaks
+    through timing.
     """
 
-    def __init__(self, settings: Settings, authenticate: Authenticate | None = None) -> None:
+    def __init__(self, settings: Settings, hooks: Hooks | None = None) -> None:
         self._digests = [hashlib.sha256(token.encode()).digest() for token in settings.tokens]
         self._origins = {origin.rstrip("/").lower() for origin in settings.allowed_origins}
-        self._authenticate = authenticate
+        hooks = hooks or Hooks()
+        self._identify_hook = hooks.identify
+        self._authenticate = hooks.authenticate
 
     @property
     def demo_mode(self) -> bool:
-        return not self._digests and self._authenticate is None
+        return not self._digests and self._authenticate is None and self._identify_hook is None
 
     def origin_allowed(self, connection: HTTPConnection) -> bool:
         """Browsers send Origin; a handshake from another site is cross-site hijacking.
@@ -2052,8 +2336,13 @@ class Gatekeeper:
         return await self.identify(connection, credential_required=credential_required)
 
     async def identify(self, connection: HTTPConnection, *, credential_required: bool = False) -> Admission | None:
-        """Who the client is, by tokens or the authenticate hook. None: refuse it."""
+        """Who the client is, by an identity hook or tokens. None: refuse it."""
         credentials = _credentials(connection)
+        if self._identify_hook is not None:
+            identity = await self._identity_from_hook(connection)
+            if identity is None or (credential_required and not credentials):
+                return None
+            return Admission(identity, credentials[0] if credentials else None)
         if self._authenticate is not None:
             for credential in credentials:
                 identity = await self._identify(credential)
@@ -2078,19 +2367,31 @@ class Gatekeeper:
 
     async def _identify(self, credential: str) -> str | None:
         try:
-            identity = self._authenticate(credential)  # type: ignore[misc]
-            if inspect.isawaitable(identity):
-                identity = await identity
+            identity = await _result_of(self._authenticate(credential))  # type: ignore[misc]
         except Exception as exc:
+            # Its argument is a secret, which a traceback's message could carry: the class only.
             logger.warning("authenticate hook raised %s; refusing the client", exc.__class__.__name__)
             return None
-        if identity is None:
+        return _checked_identity(identity, "authenticate")
+
+    async def _identity_from_hook(self, connection: HTTPConnection) -> str | None:
+        try:
+            identity = await _result_of(self._identify_hook(connection))  # type: ignore[misc]
+        except Exception:
+            logger.exception("identify hook %s raised; refusing the client", _hook_name(self._identify_hook))
             return None
-        identity = str(identity)
-        if not valid_client_id(identity):
-            logger.error("authenticate hook returned an identity that is not a valid client id; refusing")
-            return None
-        return identity
+        return _checked_identity(identity, "identify")
+
+
+def _checked_identity(identity: Any, hook: str) -> str | None:
+    """An identity hook's answer as a client id; None (refuse) when it is none or not a valid one."""
+    if identity is None:
+        return None
+    identity = str(identity)
+    if not valid_client_id(identity):
+        logger.error("%s hook returned an identity that is not a valid client id; refusing", hook)
+        return None
+    return identity
 
 
 def _credentials(connection: HTTPConnection) -> list[str]:
@@ -2195,44 +2496,82 @@ def _room_param(room: str = Path(description="1-64 of A-Z a-z 0-9 _ . -")) -> st
     return room
 
 
-def create_app(*, authenticate: Authenticate | None = None, **settings: Any) -> FastAPI:
-    """A FastAPI app serving wschat; keyword settings as in ``Settings`` (one per CLI option).
+def create_app(*, host: str = Settings.host, port: int = Settings.port, timeout: float = Settings.timeout,
+               broker: str = Settings.broker, tokens: Iterable[str] = Settings.tokens,
+               allowed_origins: Iterable[str] = Settings.allowed_origins, history: int = Settings.history,
+               max_message_size: int = Settings.max_message_size, rate: float = Settings.rate,
+               max_connections: int = Settings.max_connections, send_queue: int = Settings.send_queue,
+               workers: int = Settings.workers, log_level: str = Settings.log_level,
+               root_path: str = Settings.root_path, allowed_hosts: Iterable[str] = Settings.allowed_hosts,
+               max_rooms: int = Settings.max_rooms, presence_interval: float = Settings.presence_interval,
+               authenticate: Callable[[str], Any] | None = None,
+               identify: Callable[[HTTPConnection], Any] | None = None,
+               authorize: Callable[[str | None, str, str | None], Any] | None = None,
+               on_message: Callable[[Draft], Any] | None = None,
+               on_published: Callable[[dict], Any] | None = None,
+               on_join: Callable[[str, str], Any] | None = None,
+               on_leave: Callable[[str, str], Any] | None = None,
+               routes: Iterable[str] | None = None) -> FastAPI:
+    """A FastAPI app serving wschat. The app's ConnectionManager is ``app.state.chat``.
 
-    ``authenticate`` is an optional sync or async callable ``credential -> identity |
-    None``: when given it replaces tokens, and the identity it returns becomes the
-    client id. The app's ConnectionManager is ``app.state.chat``.
+    Settings: one keyword per ``wschat serve`` option (see ``Settings``), plus
+    ``presence_interval``; all have defaults. Hooks (SPEC section 11, see ``Hooks``):
+    ``identify`` or ``authenticate`` decide who a client is (the identity is its client
+    id, and replaces tokens), ``authorize`` what it may do, ``on_message`` what happens to
+    its messages; ``on_published``, ``on_join`` and ``on_leave`` hear about the rest.
+    ``routes``: the route groups served (``ROUTE_GROUPS``; by default all, but with an
+    identity hook the tutorial routes ``echo`` and ``items`` only when named).
     """
-    config = Settings(**settings)
-    chat = ConnectionManager(config)
-    gate = Gatekeeper(config, authenticate)
+    arguments = locals()
+    config = Settings(**{name: arguments[name] for name in Settings.__dataclass_fields__})
+    hooks = Hooks(identify=identify, authenticate=authenticate, authorize=authorize, on_message=on_message,
+                  on_published=on_published, on_join=on_join, on_leave=on_leave)
+    groups = route_groups(routes, hooks)
+    chat = ConnectionManager(config, hooks=hooks)
+    gate = Gatekeeper(config, hooks)
     # root_path is applied by the server (``serve`` hands it to uvicorn), as ASGI intends.
     app = FastAPI(title="wschat", version=__version__, lifespan=chat.lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.chat = chat
     app.state.gatekeeper = gate
-    app.add_middleware(_WebSocketRouter, routes=_websocket_routes(chat, gate),
+    app.add_middleware(_WebSocketRouter, routes=_websocket_routes(chat, gate, groups),
                        max_body=config.max_message_size + BODY_OVERHEAD)
     if config.allowed_hosts:
         app.add_middleware(_HostGuard, allowed_hosts=config.allowed_hosts)
     _redact_uvicorn_logs(config.tokens)
-    _add_http_routes(app, chat, gate)
+    if "page" in groups:
+        _add_page(app)
+    if "api" in groups:
+        _add_http_routes(app, chat, gate)
     return app
+
+
+def _add_page(app: FastAPI) -> None:
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
 
 
 def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) -> None:
     async def access(request: Request) -> Admission:
-        """Tokens guard everything but the page and /healthz; a cross-site POST is refused."""
+        """Tokens or the identity hook guard everything but the page and /healthz; a
+        cross-site write is refused."""
         if request.method != "GET" and not gate.origin_allowed(request):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "origin not allowed")
         admission = await gate.identify(request)
         if admission is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid token",
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid credentials",
                                 headers={"WWW-Authenticate": "Bearer"})
         return admission
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE)
+    def allowed_to(action: str) -> Any:
+        """A dependency: the caller may ``action`` in the path's room (authorize), or 403.
+        The answer is the same whether the room exists or not."""
+        async def check(admission: Admission = Depends(access), room: str = Depends(_room_param)) -> Admission:
+            if not await chat.allowed(admission.identity, action, room):
+                raise HTTPException(status.HTTP_403_FORBIDDEN, f"not allowed to {action} in room {room!r}")
+            return admission
+        return Depends(check)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -2242,30 +2581,41 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable", "reason": reason}, status.HTTP_503_SERVICE_UNAVAILABLE)
 
-    @app.get("/stats", dependencies=[Depends(access)])
-    async def stats() -> dict:
+    @app.get("/stats")
+    async def stats(admission: Admission = Depends(access)) -> dict:
+        if not await chat.allowed(admission.identity, "stats", None):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "not allowed to read stats")
         await chat.start()
         return chat.stats()
 
-    @app.get("/rooms", dependencies=[Depends(access)])
-    async def rooms() -> dict:
+    @app.get("/rooms")
+    async def rooms(admission: Admission = Depends(access)) -> dict:
         counts = await _broker_call(chat.rooms())
-        return {"rooms": [{"room": name, "count": count} for name, count in sorted(counts.items())]}
+        listed = [{"room": name, "count": count} for name, count in sorted(counts.items())
+                  if await chat.allowed(admission.identity, "list", name)]
+        return {"rooms": listed}
 
-    @app.get("/rooms/{room}/members", dependencies=[Depends(access)])
+    @app.get("/rooms/{room}/members", dependencies=[allowed_to("members")])
     async def members(room: str = Depends(_room_param)) -> dict:
         ids = await _broker_call(chat.members(room))
         return {"room": room, "members": ids, "count": len(ids)}
 
-    @app.get("/rooms/{room}/messages", dependencies=[Depends(access)])
+    @app.get("/rooms/{room}/messages", dependencies=[allowed_to("read")])
     async def messages(room: str = Depends(_room_param), since: int | None = Query(None, ge=0),
                        limit: int | None = Query(None, ge=1)) -> dict:
         return await _broker_call(chat.history_page(room, since=since, limit=limit))
 
+    @app.delete("/rooms/{room}/messages/{message_id}", status_code=status.HTTP_204_NO_CONTENT,
+                dependencies=[allowed_to("delete")])
+    async def delete_message(message_id: int, room: str = Depends(_room_param)) -> Response:
+        if not await _broker_call(chat.delete_message(room, message_id)):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no message {message_id} retained in room {room!r}")
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
     @app.post("/rooms/{room}/messages", status_code=status.HTTP_201_CREATED)
-    async def post_message(request: Request, admission: Admission = Depends(access),
+    async def post_message(request: Request, admission: Admission = allowed_to("post"),
                            room: str = Depends(_room_param)) -> dict:
-        # The body is read here, after the token check and the rate limit, never before.
+        # The body is read here, after the credentials, authorize and the rate limit, never before.
         _check_post_rate(chat, request, admission)
         body = PostedMessage.parse(await _read_body(request, chat.settings.max_message_size + BODY_OVERHEAD))
         sender = body.sender or admission.identity or "server"
@@ -2274,10 +2624,14 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
         if utf8_length(body.text) > chat.settings.max_message_size:
             raise HTTPException(413,   # Content Too Large
                                 f"text is larger than {chat.settings.max_message_size} bytes")
-        try:
-            return await _broker_call(chat.publish(room, body.text, sender=sender))
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None   # Unprocessable Content
+        draft = Draft(room, sender, body.text, None, "http")
+        try:   # a caller without an identity is host code: its messages are "system"
+            return await _broker_call(chat.submit(draft, admission.identity, system=admission.identity is None,
+                                                  authorized=True))
+        except NotAllowed as exc:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, exc.reason) from None
+        except Reject as exc:
+            raise HTTPException(422, exc.reason) from None   # Unprocessable Content
 
 
 def _check_post_rate(chat: ConnectionManager, request: Request, admission: Admission) -> None:
@@ -2442,20 +2796,24 @@ def _int_param(websocket: WebSocket, name: str, minimum: int | None = None) -> i
     return value
 
 
-def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper) -> list[WebSocketRoute]:
+def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper, groups: frozenset[str]) -> list[WebSocketRoute]:
     async def refuse(websocket: WebSocket, reason: str) -> None:
         await websocket.close(WS_1008_POLICY_VIOLATION, reason)   # before accepting: HTTP 403
 
     async def session(websocket: WebSocket, handle: Callable[[Connection, str], Any], *,
                       credential_required: bool = False, client_id: str | None = None, **where: Any) -> None:
-        """Admit, connect, feed every accepted frame to ``handle``, always clean up."""
+        """Admit, authorize the join, connect, feed every accepted frame to ``handle``, always clean up."""
         admission = await gate.admit(websocket, credential_required=credential_required)
         if admission is None:
             return await refuse(websocket, "not allowed")
         client_id = admission.identity or client_id
         if client_id is not None and not valid_client_id(client_id):
             return await refuse(websocket, "invalid client id")
-        conn = await chat.connect(websocket, client_id=client_id, credential=admission.credential, **where)
+        room = where.get("room")
+        if room is not None and not await chat.allowed(admission.identity, "join", room):
+            return await refuse(websocket, "not allowed to join this room")
+        conn = await chat.connect(websocket, client_id=client_id, credential=admission.credential,
+                                  identity=admission.identity, **where)
         if conn is None:
             return
         try:
@@ -2499,10 +2857,11 @@ def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper) -> list[WebSock
         await session(websocket, chat.handle_frame, room=room, since=since,
                       epoch=websocket.query_params.get("epoch"), client_id=websocket.query_params.get("client_id"))
 
-    return [WebSocketRoute("/ws", _Endpoint(echo)),
-            WebSocketRoute("/ws/{client_id}", _Endpoint(lobby)),
-            WebSocketRoute("/items/{item_id}/ws", _Endpoint(item)),
-            WebSocketRoute("/rooms/{room}/ws", _Endpoint(room_chat))]
+    routes = {"echo": WebSocketRoute("/ws", _Endpoint(echo)),
+              "lobby": WebSocketRoute("/ws/{client_id}", _Endpoint(lobby)),
+              "items": WebSocketRoute("/items/{item_id}/ws", _Endpoint(item)),
+              "rooms": WebSocketRoute("/rooms/{room}/ws", _Endpoint(room_chat))}
+    return [route for group, route in routes.items() if group in groups]
 
 
 # ---------------------------------------------------------------------------
@@ -3029,6 +3388,7 @@ PAGE = """<!doctype html>
   #messages .from { font-weight: 600; margin-right: .35rem; }
   #messages .notice { color: var(--muted); font-style: italic; }
   #messages .error { color: #b91c1c; }
+  #messages .system .from { color: var(--accent); }
   aside { border-left: 1px solid var(--line); padding: .6rem 1rem; overflow-y: auto; min-height: 0; }
   aside h2 { font-size: .95rem; margin: 0 0 .4rem; }
   #members { list-style: none; margin: 0; padding: 0; }
@@ -3098,7 +3458,8 @@ PAGE = """<!doctype html>
     });
     var atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
     list.appendChild(li);
-    if (atBottom || cls !== "incoming") list.scrollTop = list.scrollHeight;
+    if (atBottom || (cls || "").indexOf("incoming") < 0) list.scrollTop = list.scrollHeight;
+    return li;
   }
   function notice(text, cls) { addLine([[text]], cls || "notice"); }
 
@@ -3181,7 +3542,8 @@ PAGE = """<!doctype html>
       if (socket !== ws) return;
       ws = null; clearInterval(pingTimer); setConnected(false);
       var why = "code " + event.code + (event.reason ? ", " + event.reason : "");
-      var fatal = [1003, 1008, 1009].indexOf(event.code) >= 0;
+      var removed = event.code >= 4000 && event.code <= 4999;   // the application closed it: do not come back
+      var fatal = removed || [1003, 1008, 1009].indexOf(event.code) >= 0;
       if (wanted && mode() === "room" && joined && !fatal) {
         var delay = Math.min(15000, 500 * Math.pow(2, attempt)) * (0.5 + Math.random() / 2);
         attempt += 1;
@@ -3192,7 +3554,8 @@ PAGE = """<!doctype html>
         setStatus("Could not connect (" + why + "): refused or unreachable; check the token, room and name", "error");
       } else {
         setWanted(false);
-        setStatus("Disconnected (" + why + ")", fatal ? "error" : "closed");
+        var said = removed ? "Removed by the server" : event.code === 1008 ? "Not allowed" : "Disconnected";
+        setStatus(said + " (" + why + ")", fatal ? "error" : "closed");
       }
     };
   }
@@ -3219,7 +3582,11 @@ PAGE = """<!doctype html>
       }
       var when = new Date(frame.ts * 1000).toLocaleTimeString();
       var who = frame.to ? frame.from + " \\u2192 " + frame.to + ":" : frame.from + ":";
-      addLine([[when, "meta"], [who, "from"], [frame.text]], "incoming");
+      var li = addLine([[when, "meta"], [who, "from"], [frame.text]], frame.system ? "incoming system" : "incoming");
+      if (typeof frame.id === "number") li.dataset.id = String(frame.id);
+    } else if (frame.type === "deleted") {
+      var gone = $("messages").querySelector('li[data-id="' + String(Number(frame.id)) + '"]');
+      if (gone) gone.remove();
     } else if (frame.type === "presence") {
       frame.joined.forEach(function (id) { members.add(id); });
       frame.left.forEach(function (id) { members.delete(id); });
