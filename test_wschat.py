@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import connect as ws_connect
 
@@ -111,8 +113,9 @@ class ServerProcess:
     """``python wschat.py serve`` (or another command) on a free port, stopped by PID."""
 
     def __init__(self, args: list[str], *, port: int, log_path: pathlib.Path, env: dict | None = None,
-                 command: list[str] | None = None, ready_path: str = "/healthz") -> None:
+                 command: list[str] | None = None, ready_path: str = "/healthz", cwd: pathlib.Path = HERE) -> None:
         self.port = port
+        self.cwd = cwd
         self.log_path = log_path
         self.ready_path = ready_path
         base = command or [sys.executable, str(HERE / "wschat.py"), "serve"]
@@ -131,7 +134,7 @@ class ServerProcess:
     def start(self, timeout: float = 15) -> ServerProcess:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=HERE, start_new_session=True)
+                                        cwd=self.cwd, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -2028,6 +2031,506 @@ def test_e2e_idle_timeout_closes_silent_client_but_not_a_pinging_one(serve):
 
 
 # ---------------------------------------------------------------------------
+# Embedding: identity, authorization, hooks (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+# ---- Hooks through the app (TestClient) ----
+
+def both(hook: Callable) -> list[Callable]:
+    """A plain hook and the same as a coroutine function: SPEC 11 takes either."""
+    async def async_version(*args: Any) -> Any:
+        await asyncio.sleep(0)
+        return hook(*args)
+    return [hook, async_version]
+
+
+def header_identity(connection: HTTPConnection) -> str | None:
+    """identify=: the X-User header (any header or cookie would do)."""
+    return connection.headers.get("x-user")
+
+
+def as_user(name: str) -> dict:
+    return {"headers": {"X-User": name}}
+
+
+@pytest.mark.parametrize("identify", both(header_identity), ids=["sync", "async"])
+def test_hooks_identify_names_the_client_and_none_refuses(identify):
+    """identify(connection): its answer is the client id (a client_id query cannot override it); None is
+    HTTP 401 and WebSocket 1008 before accept; a custom cookie reaches it too."""
+    def cookie_or_header(connection: HTTPConnection) -> Any:
+        return connection.cookies.get("sid") or identify(connection)
+
+    with TestClient(create_app(identify=cookie_or_header)) as tc:
+        with tc.websocket_connect("/rooms/r/ws?client_id=mallory", **as_user("alice")) as ws:
+            assert ws.receive_json()["client_id"] == "alice"
+        tc.cookies.set("sid", "bob")
+        with tc.websocket_connect("/ws/whoever") as ws:
+            ws.send_text("hi")
+            assert ws.receive_text() == "You wrote: hi"
+        tc.cookies.clear()
+        assert refused_code(tc, "/rooms/r/ws") == 1008
+        assert tc.get("/rooms").status_code == 401 and tc.get("/rooms", **as_user("alice")).status_code == 200
+        assert tc.get("/healthz").status_code == 200 and tc.get("/").status_code == 200
+
+
+def test_hooks_authorize_is_asked_for_every_action_with_identity_action_and_room():
+    """authorize(identity, action, room) is asked before join (room route and lobby), read, members, post
+    (WebSocket, direct and HTTP), list, delete and stats; a refusal is 403, 1008 before accept, or an error
+    frame; what it allows works as before."""
+    asked: list[tuple] = []
+
+    def authorize(identity: str | None, action: str, room: str | None) -> bool:
+        asked.append((identity, action, room))
+        return not (identity == "carol" and room == "secret") and not (action == "stats" and identity != "root")
+
+    with TestClient(create_app(identify=header_identity, authorize=authorize)) as tc:
+        with tc.websocket_connect("/rooms/secret/ws", **as_user("alice")) as alice:
+            next_frame(alice, "welcome")
+            with tc.websocket_connect("/rooms/secret/ws", **as_user("bob")) as bob:
+                next_frame(bob, "welcome")
+                alice.send_json({"type": "message", "text": "hi"})
+                alice.send_json({"type": "message", "text": "psst", "to": "bob"})
+                assert [next_frame(bob, "message")["text"] for _ in range(2)] == ["hi", "psst"]
+                assert tc.post("/rooms/secret/messages", json={"text": "over http"}, **as_user("alice")).status_code == 201
+                assert tc.get("/rooms", **as_user("carol")).json() == {"rooms": []}
+                assert [r["room"] for r in tc.get("/rooms", **as_user("alice")).json()["rooms"]] == ["secret"]
+        with tc.websocket_connect("/ws/alice", **as_user("alice")) as lobby:
+            lobby.send_text("in the lobby")
+            assert lobby.receive_text() == "You wrote: in the lobby"
+        for method, path in (("GET", "/rooms/secret/messages"), ("GET", "/rooms/secret/members"),
+                             ("POST", "/rooms/secret/messages"), ("DELETE", "/rooms/secret/messages/1")):
+            response = tc.request(method, path, json={"text": "x"}, **as_user("carol"))
+            assert response.status_code == 403 and "not allowed" in response.json()["detail"], (method, path)
+        assert refused_code(tc, "/rooms/secret/ws", **as_user("carol")) == 1008
+        assert tc.get("/stats", **as_user("alice")).status_code == 403
+        assert tc.get("/stats", **as_user("root")).status_code == 200
+        assert tc.delete("/rooms/secret/messages/1", **as_user("alice")).status_code == 204
+    actions = {action for _, action, _ in asked}
+    assert actions == set(wschat.ACTIONS), actions
+    assert ("alice", "join", "lobby") in asked and ("root", "stats", None) in asked
+    assert asked.count(("alice", "post", "secret")) == 3          # WebSocket, direct, HTTP
+
+
+def test_hooks_authorize_refusing_a_message_gives_an_error_frame_and_the_connection_stays():
+    """A message authorize refuses ("post") gets an error frame, is not stored, and the client can go on."""
+    muted = {"bob"}
+    with TestClient(create_app(identify=header_identity, authorize=lambda who, action, room:
+                               not (action == "post" and who in muted))) as tc:
+        with tc.websocket_connect("/rooms/r/ws", **as_user("bob")) as bob:
+            next_frame(bob, "welcome")
+            bob.send_text("let me speak")
+            assert "not allowed to post" in next_frame(bob, "error")["error"]
+            muted.clear()
+            bob.send_text("thanks")
+            assert next_frame(bob, "message")["text"] == "thanks"
+        assert [m["text"] for m in tc.get("/rooms/r/messages", **as_user("bob")).json()["messages"]] == ["thanks"]
+
+
+def test_hooks_authorize_that_raises_refuses_and_is_logged_once_with_its_traceback(caplog):
+    """Fail closed: a raising authorize refuses (403, 1008) and logs one record with the traceback."""
+    def authorize(identity: str | None, action: str, room: str | None) -> bool:
+        raise KeyError("user table unreachable")
+
+    caplog.set_level(logging.ERROR, logger="wschat")
+    with TestClient(create_app(identify=header_identity, authorize=authorize)) as tc:
+        assert tc.get("/rooms/r/messages", **as_user("alice")).status_code == 403
+    records = [r for r in caplog.records if "authorize hook" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info and records[0].exc_info[0] is KeyError
+    with TestClient(create_app(identify=header_identity, authorize=authorize)) as tc:
+        assert refused_code(tc, "/rooms/r/ws", **as_user("alice")) == 1008
+
+
+def test_hooks_authorize_without_an_identity_hook_gets_none():
+    """Without identify/authenticate the identity is None: authorize can still decide by room."""
+    asked = []
+    with TestClient(create_app(authorize=lambda who, action, room: asked.append(who) or room != "closed")) as tc:
+        assert tc.get("/rooms/open/messages").status_code == 200
+        assert tc.get("/rooms/closed/messages").status_code == 403
+        assert refused_code(tc, "/rooms/closed/ws?client_id=a") == 1008
+    assert set(asked) == {None}
+
+
+@pytest.mark.parametrize("rewrite", both(lambda draft: draft.text.upper() if draft.text != "keep" else None),
+                         ids=["sync", "async"])
+def test_hooks_on_message_rewrites_or_keeps_on_every_source_and_what_is_stored_is_what_is_delivered(rewrite):
+    """on_message sees every client message (room route, direct, lobby, POST) as a Draft; None keeps the text,
+    a string replaces it; the stored and the delivered text are the same."""
+    drafts: list[wschat.Draft] = []
+
+    def hook(draft: wschat.Draft) -> Any:
+        drafts.append(draft)
+        return rewrite(draft)
+
+    with TestClient(create_app(identify=header_identity, on_message=hook)) as tc:
+        with tc.websocket_connect("/rooms/lobby/ws", **as_user("alice")) as alice, \
+                tc.websocket_connect("/rooms/lobby/ws", **as_user("bob")) as bob:
+            next_frame(alice, "welcome")
+            next_frame(bob, "welcome")
+            alice.send_text("hello")
+            alice.send_text("keep")
+            alice.send_json({"type": "message", "text": "psst", "to": "bob"})
+            assert [next_frame(bob, "message")["text"] for _ in range(3)] == ["HELLO", "keep", "PSST"]
+            with tc.websocket_connect("/ws/carol", **as_user("carol")) as carol:
+                carol.send_text("from the lobby")
+                assert carol.receive_text() == "You wrote: FROM THE LOBBY"
+            assert tc.post("/rooms/lobby/messages", json={"text": "posted"}, **as_user("alice")).json()["text"] == "POSTED"
+        stored = [m["text"] for m in tc.get("/rooms/lobby/messages", **as_user("alice")).json()["messages"]]
+    assert stored == ["HELLO", "keep", "FROM THE LOBBY", "POSTED"]
+    assert [(d.room, d.sender, d.text, d.to, d.source) for d in drafts] == [
+        ("lobby", "alice", "hello", None, "ws"), ("lobby", "alice", "keep", None, "ws"),
+        ("lobby", "alice", "psst", "bob", "ws"), ("lobby", "carol", "from the lobby", None, "lobby"),
+        ("lobby", "alice", "posted", None, "http")]
+
+
+def test_hooks_on_message_reject_and_errors_refuse_with_nothing_stored(caplog):
+    """Reject(reason): an error frame / HTTP 422 with the reason. Any other exception: refused with a generic
+    reason, logged once. A rewrite over max_message_size is refused. Nothing of it is stored or delivered."""
+    def hook(draft: wschat.Draft) -> str | None:
+        if "spam" in draft.text:
+            raise wschat.Reject("no spam here")
+        if "boom" in draft.text:
+            raise RuntimeError("moderation service down")
+        return "x" * 200 if "grow" in draft.text else None
+
+    caplog.set_level(logging.ERROR, logger="wschat")
+    with TestClient(create_app(on_message=hook, max_message_size=100)) as tc:
+        with tc.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+            next_frame(ws, "welcome")
+            for text, reason in (("buy spam", "no spam here"), ("boom", "message refused"),
+                                 ("grow", "larger than 100 bytes")):
+                ws.send_text(text)
+                assert reason in next_frame(ws, "error")["error"], text
+            ws.send_text("fine")
+            assert next_frame(ws, "message")["text"] == "fine"
+        response = tc.post("/rooms/r/messages", json={"text": "spam again"})
+        assert (response.status_code, response.json()["detail"]) == (422, "no spam here")
+        assert [m["text"] for m in tc.get("/rooms/r/messages").json()["messages"]] == ["fine"]
+    raised = [r for r in caplog.records if "on_message hook" in r.getMessage()]
+    assert len(raised) == 1 and raised[0].exc_info[0] is RuntimeError
+
+
+def test_hooks_on_published_hears_every_stored_message_with_its_epoch_in_the_background():
+    """on_published gets each stored message plus its epoch, from clients, POST and publish(); a slow async
+    hook never delays delivery; one that raises is logged and the chat goes on."""
+    heard: list[dict] = []
+    release = asyncio.Event()
+
+    async def slow(message: dict) -> None:
+        await release.wait()              # delivery must not wait for this
+        heard.append(message)
+
+    def failing(message: dict) -> None:
+        raise ValueError("database down")
+
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60), hooks=wschat.Hooks(on_published=slow))
+        sock, conn = await enter(manager, "r", "alice")
+        await manager.submit(wschat.Draft("r", "alice", "from a client"), None)
+        await manager.publish("r", "from the host")
+        assert [m["text"] for m in chat_messages(sock)] == ["from a client", "from the host"]
+        assert heard == []
+        release.set()
+        await wait_for_condition(lambda: len(heard) == 2)
+        epoch = sock.frames()[0]["epoch"]
+        assert [(m["id"], m["text"], m["epoch"]) for m in heard] == [(1, "from a client", epoch),
+                                                                       (2, "from the host", epoch)]
+        assert "system" not in heard[0] and heard[1]["system"] is True
+        broken = ConnectionManager(Settings(presence_interval=60), hooks=wschat.Hooks(on_published=failing))
+        other, _ = await enter(broken, "r", "bob")
+        await broken.publish("r", "still delivered")
+        await broken.publish("r", "and again")
+        assert [m["text"] for m in chat_messages(other)] == ["still delivered", "and again"]
+
+    run(body())
+    with TestClient(create_app(on_published=heard.append)) as tc:
+        tc.post("/rooms/p/messages", json={"text": "over http"})
+        wait_until(lambda: heard[-1]["text"] == "over http")
+
+
+def test_hooks_on_join_and_on_leave_fire_per_client_id_not_per_socket_and_never_for_a_refusal():
+    """on_join/on_leave fire when a client id gets its first / loses its last connection to a room here;
+    a second socket of the same id fires nothing; a refused handshake fires nothing."""
+    events: list[tuple] = []
+
+    def on_join(room: str, client_id: str) -> None:
+        events.append(("join", room, client_id))
+
+    async def on_leave(room: str, client_id: str) -> None:
+        events.append(("leave", room, client_id))
+
+    app = create_app(identify=header_identity, on_join=on_join, on_leave=on_leave,
+                     authorize=lambda who, action, room: who != "carol")
+    with TestClient(app) as tc:
+        with tc.websocket_connect("/rooms/r/ws", **as_user("alice")) as first:
+            next_frame(first, "welcome")
+            with tc.websocket_connect("/rooms/r/ws", **as_user("alice")) as second:
+                next_frame(second, "welcome")
+            assert refused_code(tc, "/rooms/r/ws", **as_user("carol")) == 1008
+            wait_until(lambda: events)
+            assert events == [("join", "r", "alice")]
+        wait_until(lambda: len(events) == 2)
+    assert events == [("join", "r", "alice"), ("leave", "r", "alice")]
+
+
+def test_hooks_kick_closes_a_clients_connections_in_one_room_or_all():
+    """kick(client_id, room=None, code=4003, reason="removed") closes that client's connections (in a room or
+    everywhere) and says how many; others stay."""
+    async def body():
+        manager = ConnectionManager(Settings(presence_interval=60))
+        in_r, _ = await enter(manager, "r", "bob")
+        in_s, _ = await enter(manager, "s", "bob")
+        alice, _ = await enter(manager, "r", "alice")
+        assert await manager.kick("bob", room="r") == 1
+        await wait_for_condition(lambda: in_r.closed_with is not None)
+        assert in_r.closed_with == (4003, "removed") and in_s.closed_with is None
+        assert await manager.kick("bob", code=4001, reason="banned") == 1
+        await wait_for_condition(lambda: in_s.closed_with is not None)
+        assert in_s.closed_with == (4001, "banned") and alice.closed_with is None
+        assert await manager.kick("nobody") == 0
+        with pytest.raises(ValueError):
+            await manager.kick("alice", code=1011)
+
+    run(body())
+
+
+def test_hooks_delete_message_removes_it_and_tells_the_room():
+    """delete_message / DELETE /rooms/{room}/messages/{id}: gone from history, a deleted frame to members,
+    204; 404 when no such message is retained."""
+    with TestClient(create_app()) as tc, tc.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+        next_frame(ws, "welcome")
+        ids = [post(tc, "r", text)["id"] for text in ("one", "two", "three")]
+        for _ in ids:
+            next_frame(ws, "message")
+        assert tc.delete(f"/rooms/r/messages/{ids[1]}").status_code == 204
+        assert next_frame(ws, "deleted") == {"type": "deleted", "room": "r", "id": ids[1]}
+        assert [m["text"] for m in tc.get("/rooms/r/messages").json()["messages"]] == ["one", "three"]
+        assert tc.delete(f"/rooms/r/messages/{ids[1]}").status_code == 404
+        assert tc.delete("/rooms/r/messages/999").status_code == 404
+        with tc.websocket_connect("/rooms/r/ws?client_id=b") as later:
+            assert next_frame(later, "welcome") and [next_frame(later, "message")["text"] for _ in range(2)] == [
+                "one", "three"]
+
+
+def test_hooks_messages_from_host_code_are_system_and_a_host_dm_reaches_only_its_recipient():
+    """publish, send_personal_message and POST without an identity carry "system": true; a direct message from
+    host code reaches only its recipient, even when some client is called "server"."""
+    app = create_app()
+    chat = app.state.chat
+    with TestClient(app) as tc, tc.websocket_connect("/rooms/r/ws?client_id=alice") as alice, \
+            tc.websocket_connect("/rooms/r/ws?client_id=server") as impostor:
+        next_frame(alice, "welcome")
+        next_frame(impostor, "welcome")
+        tc.portal.call(chat.send_personal_message, "your invoice", "alice")
+        direct = next_frame(alice, "message")
+        assert (direct["text"], direct["to"], direct["system"]) == ("your invoice", "alice", True)
+        tc.portal.call(chat.publish, "r", "maintenance at noon")
+        posted = post(tc, "r", "deploy done")
+        assert next_frame(alice, "message")["system"] is True and next_frame(alice, "message")["system"] is True
+        assert [next_frame(impostor, "message")["text"] for _ in range(2)] == ["maintenance at noon", "deploy done"]
+        assert posted["system"] is True
+        alice.send_text("from a person")
+        assert "system" not in next_frame(impostor, "message")
+
+
+def test_hooks_routes_choose_the_groups_served_and_an_identity_hook_turns_the_tutorial_routes_off():
+    """routes= serves exactly the named groups (off: 404, WebSocket refused before accept); by default all,
+    but with identify=/authenticate= the echo and item routes only when named."""
+    with TestClient(create_app(identify=header_identity)) as tc:
+        assert refused_code(tc, "/ws", **as_user("a")) != 101
+        assert refused_code(tc, "/items/i/ws?token=x", **as_user("a")) != 101
+        with tc.websocket_connect("/rooms/r/ws", **as_user("a")) as ws:
+            assert ws.receive_json()["type"] == "welcome"
+    with TestClient(create_app(identify=header_identity, routes={"rooms", "items", "api"})) as tc:
+        with tc.websocket_connect("/items/i/ws?token=tok", **as_user("a")) as item:
+            item.send_text("x")
+            assert item.receive_text() == "Session cookie or query token value is: tok"
+        assert tc.get("/").status_code == 404 and tc.get("/healthz").status_code == 200
+        assert refused_code(tc, "/ws/a", **as_user("a")) != 101
+    with TestClient(create_app(routes={"page"})) as tc:
+        assert tc.get("/").status_code == 200 and tc.get("/rooms").status_code == 404
+        assert refused_code(tc, "/rooms/r/ws") != 101
+    with pytest.raises(ValueError):
+        create_app(routes={"rooms", "nonsense"})
+    with pytest.raises(ValueError):
+        create_app(identify=header_identity, authenticate=lambda credential: credential)
+
+
+def test_hooks_absent_change_nothing():
+    """Without hooks every route behaves as before: open rooms, echo and items served, messages as sent."""
+    with TestClient(create_app()) as tc:
+        with tc.websocket_connect("/ws") as echo:
+            echo.send_text("x")
+            assert echo.receive_text() == "Message text was: x"
+        with tc.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+            next_frame(ws, "welcome")
+            ws.send_text("as is")
+            assert next_frame(ws, "message")["text"] == "as is"
+        assert tc.get("/stats").status_code == 200
+
+
+# ---- Embedding: the README's SaaS host, served by uvicorn ----
+
+def readme_saas_host(serve: Callable, directory: pathlib.Path, *args: str, env: dict | None = None) -> ServerProcess:
+    """The host app of the README's "Embedding in your app", exactly as written, under uvicorn."""
+    section = (HERE / "README.md").read_text().split("## Embedding in your app", 1)[1]
+    (directory / "saas.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    return serve(command=[sys.executable, "-m", "uvicorn", "saas:app", *args], ready_path="/chat/healthz",
+                 cwd=directory, env={"PYTHONPATH": f"{directory}{os.pathsep}{HERE}", **(env or {})})
+
+
+class SaasUser:
+    """Someone logged in to the SaaS host: their session cookie on every request and handshake."""
+
+    def __init__(self, server: ServerProcess, name: str) -> None:
+        self.server, self.name = server, name
+        status, headers, _ = http_with_headers("POST", f"{server.url}/login/{name}")
+        assert status == 200, (name, status)
+        self.cookie = {k.lower(): v for k, v in headers.items()}["set-cookie"].split(";")[0]
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return http(method, self.server.url + path, body, headers={"Cookie": self.cookie})
+
+    async def join(self, room: str, **query: str) -> tuple[Client, dict]:
+        return await join(room_url(self.server, room, **query).replace("/rooms/", "/chat/rooms/"),
+                          additional_headers={"Cookie": self.cookie})
+
+    async def handshake(self, path: str) -> int:
+        return await handshake_status(self.server.ws_url + path, additional_headers={"Cookie": self.cookie})
+
+
+def test_embedding_the_readme_saas_host_refuses_every_leak(serve, tmp_path):
+    """The README's host: outsider / member / admin against every route. An outsider reads, lists, posts to
+    and joins nothing of another team; 1:1 rooms are private; no session, no access; the tutorial routes
+    (the item route would echo the session cookie) are off; a client id cannot be spoofed."""
+    server = readme_saas_host(serve, tmp_path)
+    carol, alice, root = (SaasUser(server, name) for name in ("carol", "alice", "root"))
+    assert alice.call("POST", "/chat/rooms/team-1/messages", {"text": "hello team"})[0] == 201
+    expected = {   # (outsider, member, admin)
+        ("GET", "/chat/rooms/team-1/messages"): (403, 200, 200),
+        ("GET", "/chat/rooms/team-1/members"): (403, 200, 200),
+        ("POST", "/chat/rooms/team-1/messages"): (403, 201, 201),
+        ("GET", "/chat/rooms/dm-alice-bob/messages"): (403, 200, 200),
+        ("GET", "/chat/stats"): (403, 403, 200),
+        ("DELETE", "/chat/rooms/team-1/messages/999"): (403, 403, 404),
+    }
+    for (method, path), codes in expected.items():
+        body = {"text": "x"} if method == "POST" else None
+        assert tuple(user.call(method, path, body)[0] for user in (carol, alice, root)) == codes, (method, path)
+    for method, path in expected:
+        assert http(method, server.url + path, {"text": "x"} if method == "POST" else None)[0] == 401, path
+    assert http("GET", server.url + "/chat/")[0] == 200
+
+    async def body():
+        handshakes = {path: tuple([await user.handshake(path) for user in (carol, alice, root)])
+                      for path in ("/chat/rooms/team-1/ws", "/chat/rooms/dm-alice-bob/ws", "/chat/ws/x",
+                                   "/chat/ws", "/chat/items/i/ws?token=t")}
+        assert handshakes == {"/chat/rooms/team-1/ws": (403, 101, 101), "/chat/rooms/dm-alice-bob/ws": (403, 101, 101),
+                              "/chat/ws/x": (403, 403, 101), "/chat/ws": (403, 403, 403),
+                              "/chat/items/i/ws?token=t": (403, 403, 403)}, handshakes
+        assert await handshake_status(server.ws_url + "/chat/rooms/team-1/ws") == 403
+        member, welcome = await alice.join("team-1", client_id="bob")
+        assert welcome["client_id"] == "alice"                  # the session decides, not the query
+        outsider, _ = await carol.join("team-2")
+        assert [r["room"] for r in carol.call("GET", "/chat/rooms")[1]["rooms"]] == ["team-2"]
+        assert [r["room"] for r in alice.call("GET", "/chat/rooms")[1]["rooms"]] == ["team-1"]
+        assert [r["room"] for r in root.call("GET", "/chat/rooms")[1]["rooms"]] == ["team-1", "team-2"]
+        await member.send("team secret")
+        await outsider.send("marker")
+        assert [m["text"] for m in await outsider.messages(1)] == ["marker"]   # nothing of team-1 before it
+        await member.close()
+        await outsider.close()
+
+    run(body())
+    assert "Traceback" not in server.log
+
+
+def test_embedding_the_readme_saas_host_hooks_moderation_and_persistence(serve, tmp_path):
+    """The README's host: moderation rewrites and refuses, every stored message lands in the host's SQLite,
+    join/leave notices per user, an admin kicks (4003) and deletes (the room is told), a host DM reaches its
+    recipient alone."""
+    server = readme_saas_host(serve, tmp_path)
+    alice, bob, root = (SaasUser(server, name) for name in ("alice", "bob", "root"))
+
+    async def body():
+        a, _ = await alice.join("team-1")
+        b, _ = await bob.join("team-1")
+        b_watch = Collector(b)
+        await a.send("darn it")
+        await a.send("see http://example.com")
+        assert (await a.recv_until(lambda f: f.get("type") == "error"))["error"] == "links are not allowed here"
+        status, refused = alice.call("POST", "/chat/rooms/team-1/messages", {"text": "http://again"})
+        assert (status, refused["detail"]) == (422, "links are not allowed here")
+        await wait_for_condition(lambda: b_watch.texts() == ["d**n it"])
+        assert http("POST", server.url + "/remind/alice")[0] == 200
+        direct = await a.recv_until(lambda f: f.get("type") == "message" and f.get("to") == "alice")
+        assert (direct["text"], direct["system"]) == ("your invoice is due", True)
+        await a.send("after the reminder")
+        await wait_for_condition(lambda: b_watch.texts() == ["d**n it", "after the reminder"])
+
+        stored = alice.call("GET", "/chat/rooms/team-1/messages")[1]
+        rows = sqlite3.connect(tmp_path / "saas.db").execute(
+            "SELECT id, epoch, sender, text FROM messages WHERE room = 'team-1' ORDER BY id").fetchall()
+        assert rows == [(m["id"], stored["epoch"], m["from"], m["text"]) for m in stored["messages"]]
+
+        first_id = stored["messages"][0]["id"]
+        assert alice.call("DELETE", f"/chat/rooms/team-1/messages/{first_id}")[0] == 403
+        assert root.call("DELETE", f"/chat/rooms/team-1/messages/{first_id}")[0] == 204
+        assert (await a.recv_until(lambda f: f.get("type") == "deleted"))["id"] == first_id
+        await wait_for_condition(lambda: any(f.get("type") == "deleted" for f in b_watch.frames if isinstance(f, dict)))
+        assert [m["id"] for m in alice.call("GET", "/chat/rooms/team-1/messages")[1]["messages"]] == [
+            m["id"] for m in stored["messages"][1:]]
+
+        assert alice.call("POST", "/admin/kick/bob")[0] == 403
+        assert root.call("POST", "/admin/kick/bob") == (200, {"closed": 1})
+        await wait_for_condition(lambda: b_watch.task.done())
+        assert (b.socket.close_code, b.socket.close_reason) == (4003, "removed")
+        await a.close()
+        await wait_for_condition(lambda: "alice left team-1" in http("GET", server.url + "/notices")[1])
+        notices = http("GET", server.url + "/notices")[1]
+        assert notices.count("alice joined team-1") == 1 and notices.count("bob joined team-1") == 1
+        assert "bob left team-1" in notices
+
+    run(body(), 40)
+    assert "Traceback" not in server.log
+
+
+SLOW_AUTHORIZE_APP = '''
+import asyncio
+from wschat import create_app
+
+
+async def authorize(identity, action, room):
+    if identity == "slow":
+        await asyncio.sleep(3)   # a user directory that answers slowly, for one user
+    return True
+
+app = create_app(authenticate=lambda token: token, authorize=authorize, rate=0)
+'''
+
+
+def test_embedding_a_slow_authorize_on_one_handshake_delays_nobody_else(serve, tmp_path):
+    """While an async authorize takes its time over one client's handshake, the others chat on."""
+    (tmp_path / "slowauth.py").write_text(SLOW_AUTHORIZE_APP)
+    server = serve(command=[sys.executable, "-m", "uvicorn", "slowauth:app"], cwd=tmp_path,
+                   env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"}, ready_path="/healthz")
+
+    async def body():
+        alice, _ = await join(f"{server.ws_url}/rooms/r/ws?token=alice")
+        bob, _ = await join(f"{server.ws_url}/rooms/r/ws?token=bob")
+        slow = asyncio.ensure_future(join(f"{server.ws_url}/rooms/r/ws?token=slow"))
+        for i in range(20):
+            await alice.send(f"m{i}")
+        assert [m["text"] for m in await bob.messages(20)] == [f"m{i}" for i in range(20)]
+        assert not slow.done()                      # still being authorized: nobody waited for it
+        late, welcome = await asyncio.wait_for(slow, 15)
+        assert welcome["client_id"] == "slow"
+        for ws in (alice, bob, late):
+            await ws.close()
+
+    run(body(), 40)
+
+
+# ---------------------------------------------------------------------------
 # Security and limits: helpers
 # ---------------------------------------------------------------------------
 
@@ -2122,8 +2625,9 @@ class Collector:
         self.task = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
-        async for raw in self.ws.socket:
-            self.frames.append(json.loads(raw) if isinstance(raw, str) and raw.startswith("{") else raw)
+        with contextlib.suppress(websockets.ConnectionClosed):   # closed: the frames so far are what it got
+            async for raw in self.ws.socket:
+                self.frames.append(json.loads(raw) if isinstance(raw, str) and raw.startswith("{") else raw)
 
     def texts(self, senders: tuple[str, ...] | None = None) -> list[str]:
         return [f["text"] for f in self.frames if isinstance(f, dict) and f.get("type") == "message"
@@ -3878,6 +4382,55 @@ def test_redis_stalled_stores_each_message_once_and_never_delivers_what_it_refus
     assert "Traceback" not in node.log
 
 
+KICK_APP = '''
+import os
+from wschat import create_app
+
+app = create_app(broker=os.environ["REDIS_URL"], authenticate=lambda token: token)
+
+
+@app.post("/kick/{user}")
+async def kick(user: str):
+    return {"closed": await app.state.chat.kick(user)}
+'''
+
+
+def test_redis_kick_and_delete_reach_every_process(serve, redis_server, tmp_path):
+    """kick() on one process closes the client's connections on another (it returns what it closed itself);
+    delete_message() removes the message from the shared history and every process's members are told."""
+    (tmp_path / "kickapp.py").write_text(KICK_APP)
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}", "REDIS_URL": redis_server.url}
+    node_a, node_b = (serve(command=[sys.executable, "-m", "uvicorn", "kickapp:app"], cwd=tmp_path, env=env)
+                      for _ in range(2))
+    for node in (node_a, node_b):
+        wait_health(node)
+
+    async def body():
+        alice, _ = await join(f"{node_a.ws_url}/rooms/r/ws?token=alice")
+        bob, _ = await join(f"{node_b.ws_url}/rooms/r/ws?token=bob")
+        carol = Collector((await join(f"{node_b.ws_url}/rooms/r/ws?token=carol"))[0])
+        assert (await ahttp("POST", node_a.url + "/kick/bob")) == (200, {"closed": 0})
+        assert await bob.closed(10) == (4003, "removed")
+        await alice.send("to be deleted")
+        await alice.send("to keep")
+        await wait_for_condition(lambda: carol.texts() == ["to be deleted", "to keep"])
+        doomed = next(f["id"] for f in carol.frames if isinstance(f, dict) and f.get("text") == "to be deleted")
+        status, _ = await asyncio.to_thread(http, "DELETE", f"{node_a.url}/rooms/r/messages/{doomed}",
+                                            headers={"Authorization": "Bearer alice"})
+        assert status == 204
+        await wait_for_condition(lambda: {"type": "deleted", "room": "r", "id": doomed} in carol.frames)
+        status, page = await asyncio.to_thread(http, "GET", f"{node_b.url}/rooms/r/messages",
+                                               headers={"Authorization": "Bearer carol"})
+        assert [m["text"] for m in page["messages"]] == ["to keep"]
+        await carol.stop()
+        await carol.ws.close()
+        await alice.close()
+
+    run(body(), 40)
+    for node in (node_a, node_b):
+        assert "Traceback" not in node.log
+
+
 def test_redis_flushall_closes_room_clients_with_1012_and_starts_a_new_epoch(serve, redis_server):
     """FLUSHALL under connected clients: the restarted id sequence closes them with 1012; since/epoch then says not recovered."""
     import redis
@@ -4241,6 +4794,31 @@ def test_page_reconnects_after_restart_without_loss_or_duplicates(serve, browser
         notices = messages(page).locator(".notice").all_inner_texts()
         # Memory broker: a new sequence (new epoch) the page announces; Redis: the same one, resumed.
         assert notices == (["The room's history restarted on the server."] if broker == "memory" else []), notices
+    finally:
+        context.close()
+
+
+def test_page_after_a_kick_says_why_and_does_not_reconnect_and_drops_deleted_messages(serve, browser, tmp_path):
+    """In the README's SaaS host: a deleted message disappears from an open page; a kicked user's page says
+    it was removed (4003) and does not reconnect."""
+    server = readme_saas_host(serve, tmp_path)
+    root = SaasUser(server, "root")
+    context = browser.new_context()
+    try:
+        assert context.request.post(server.url + "/login/bob").ok    # the page's session cookie
+        page = open_chat(context, server.url + "/chat/", room="team-1")
+        expect(page.get_by_role("status")).to_have_text(re.compile(r"^Connected to team-1 as bob"), timeout=WAIT)
+        say(page, "first")
+        say(page, "second")
+        expect(messages(page).get_by_role("listitem")).to_have_count(2, timeout=WAIT)
+        first = root.call("GET", "/chat/rooms/team-1/messages")[1]["messages"][0]
+        assert root.call("DELETE", f"/chat/rooms/team-1/messages/{first['id']}")[0] == 204
+        expect(messages(page).get_by_role("listitem")).to_have_count(1, timeout=WAIT)
+        expect(messages(page).get_by_role("listitem")).to_contain_text(["second"])
+        assert root.call("POST", "/admin/kick/bob") == (200, {"closed": 1})
+        expect(page.get_by_role("status")).to_have_text("Removed by the server (code 4003, removed)", timeout=WAIT)
+        expect(page.get_by_role("button", name="Connect", exact=True)).to_be_visible()   # no retry pending
+        assert root.call("GET", "/chat/rooms/team-1/members")[1]["members"] == []
     finally:
         context.close()
 
