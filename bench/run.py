@@ -5,6 +5,7 @@
     python bench/run.py --quick      # smoke run with small numbers
     python bench/run.py --scenario 3 # one scenario (repeatable: --scenario 1 --scenario 4)
     python bench/run.py --no-stock   # skip "wschat on stock uvicorn" (shorter run)
+    python bench/run.py --compare 85b4ed1 --scenario 1   # add wschat.py as of a git commit, same run
 
 For each scenario, wschat (`wschat.py serve`), wschat on stock uvicorn
 (bench/wschat_stock_app.py) and the baseline are started one after the other
@@ -250,13 +251,17 @@ class Server:
 class WsChat(Server):
     name = "wschat"
 
+    def __init__(self, python: str, logdir: Path, path: Path = WSCHAT):
+        super().__init__(python, logdir)
+        self.path = path
+
     def start(self, scenario: int) -> None:
         # wschat.py may be edited while a run goes on: record which version served
-        self.version = wschat_version()
+        self.version = wschat_version(self.path)
         super().start(scenario)
 
     def command(self, scenario: int) -> list[str]:
-        cmd = [self.python, str(WSCHAT), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, str(self.path), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--rate", "0", "--timeout", "0", "--log-level", "warning"]
         if scenario == 4:
             cmd += ["--max-connections", "20000"]
@@ -280,6 +285,20 @@ class WsChat(Server):
             return json.loads(body) if status == 200 else {"http_status": status}
         except (OSError, ValueError) as e:
             return {"error": repr(e)}
+
+
+class WsChatCompare(WsChat):
+    """wschat.py as of a git commit (``--compare REF``), served like wschat, in the same run."""
+
+    name = "wschat_compare"
+
+    def __init__(self, python: str, logdir: Path, ref: str):
+        copy = logdir / f"wschat-{ref}" / "wschat.py"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:wschat.py"], capture_output=True,
+                                        check=True, timeout=30).stdout)
+        super().__init__(python, logdir, copy)
+        self.ref = ref
 
 
 class WsChatStock(WsChat):
@@ -433,7 +452,7 @@ def ratio(a, b) -> str:
     return "—"
 
 
-WSCHAT_KINDS = ("wschat", "wschat_stock")
+WSCHAT_KINDS = ("wschat", "wschat_stock", "wschat_compare")
 
 
 def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
@@ -491,8 +510,8 @@ def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
     raise ValueError(scenario)
 
 
-def build_rows(results: dict, params: dict, stock: bool) -> list[list[str]]:
-    """Table rows; with `stock`, two more cells: wschat on stock uvicorn, stock/baseline."""
+def build_rows(results: dict, params: dict, extra: list[str]) -> list[list[str]]:
+    """Table rows; two more cells for each of `extra` (wschat_stock, wschat_compare): its value, it/baseline."""
     rows = []
     for n, per_server in results.items():
         labels: list[str] = []
@@ -516,25 +535,29 @@ def build_rows(results: dict, params: dict, stock: bool) -> list[list[str]]:
         for label in labels:
             w, b = cell("wschat", label), cell("baseline", label)
             row = [f"{n} {TITLES[n]}", label, fmt(w), fmt(b), ratio(w, b)]
-            if stock:
-                s = cell("wschat_stock", label)
+            for server in extra:
+                s = cell(server, label)
                 row += [fmt(s), ratio(s, b)]
             rows.append(row)
         if n == 5 and "baseline" in per_server:
             # what per-join broadcasting costs on paper: joiner k reaches k members
             m = params[5]["subs"]
             rows.append([f"{n} {TITLES[n]}", "join broadcasts n(n+1)/2 (computed, not measured)",
-                         "—", fmt(m * (m + 1) // 2), "—"] + (["—", "—"] if stock else []))
+                         "—", fmt(m * (m + 1) // 2), "—"] + ["—", "—"] * len(extra))
     return rows
 
 
 TABLE_HEAD = ["scenario", "metric", "wschat", "baseline", "wschat/baseline"]
-STOCK_HEAD = ["wschat on stock uvicorn", "stock/baseline"]
-JSON_KEYS = ["scenario", "metric", "wschat", "baseline", "ratio", "wschat_stock", "stock_ratio"]
+EXTRA_HEADS = {"wschat_stock": ["wschat on stock uvicorn", "stock/baseline"],
+               "wschat_compare": ["wschat at --compare", "compare/baseline"]}
 
 
-def markdown(rows: list[list[str]], stock: bool) -> str:
-    head = TABLE_HEAD + (STOCK_HEAD if stock else [])
+def json_keys(extra: list[str]) -> list[str]:
+    return ["scenario", "metric", "wschat", "baseline", "ratio"] + [k for e in extra for k in (e, f"{e}_ratio")]
+
+
+def markdown(rows: list[list[str]], extra: list[str]) -> str:
+    head = TABLE_HEAD + [h for e in extra for h in EXTRA_HEADS[e]]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells, right: "| " + " | ".join(  # noqa: E731
         (c.rjust(w) if right and i >= 2 else c.ljust(w)) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
@@ -577,7 +600,7 @@ def notes(results: dict) -> list[str]:
                            f"{r['msgs_planned']} messages were still unread by the server at the "
                            "end of publishing (it stopped reading the publisher)")
         if n == 1:
-            for server in ("wschat", "wschat_stock", "baseline"):
+            for server in ("wschat", "wschat_stock", "wschat_compare", "baseline"):
                 r = per_server.get(server, {})
                 if "loadgen_cpu_us_per_delivery" in r:
                     ok = r["loadgen_cpu_us_per_delivery"] < r["server_cpu_us_per_delivery"]
@@ -634,9 +657,11 @@ def machine_info(python: str) -> dict:
             **versions, "gcc": gcc, "tcp_congestion_control": cc, "harness_python": sys.version.split()[0]}
 
 
-def wschat_version() -> dict:
+def wschat_version(path: Path = WSCHAT) -> dict:
     """sha256 of wschat.py as started, the git HEAD, and whether the file differs from HEAD."""
-    v = {"sha256": hashlib.sha256(WSCHAT.read_bytes()).hexdigest()[:12]}
+    v = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:12]}
+    if path != WSCHAT:
+        return v
     try:
         v["git_head"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                        capture_output=True, text=True, timeout=30).stdout.strip() or None
@@ -675,6 +700,8 @@ def main() -> int:
                          "they always run in that order)")
     ap.add_argument("--no-stock", action="store_true",
                     help="skip wschat on stock uvicorn (same as leaving wschat_stock out of --servers)")
+    ap.add_argument("--compare", metavar="GIT_REF",
+                    help="also run wschat.py as of this commit, in the same run (a before/after comparison)")
     ap.add_argument("--python", help="interpreter for the servers (needs fastapi, uvicorn[standard])")
     ap.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the results")
     ap.add_argument("--wait-idle", type=float, default=15, metavar="SECONDS",
@@ -708,6 +735,8 @@ def main() -> int:
         servers.append(WsChat(python, logdir))
     if "wschat_stock" in wanted:
         servers.append(WsChatStock(python, logdir))
+    if args.compare:
+        servers.append(WsChatCompare(python, logdir, args.compare))
     if "baseline" in wanted:
         servers.append(Baseline(python, logdir))
 
@@ -718,7 +747,7 @@ def main() -> int:
         for n in scenarios:
             results[n] = {}
             for server in servers:
-                if isinstance(server, WsChat) and not WSCHAT.exists():
+                if isinstance(server, WsChat) and not server.path.exists():
                     results[n][server.name] = {"error": f"{WSCHAT.relative_to(ROOT)} does not exist"}
                     continue
                 log(f"scenario {n} ({TITLES[n]}) against {server.name} ...")
@@ -739,8 +768,9 @@ def main() -> int:
 
     elapsed = time.time() - started
     stock = "wschat_stock" in wanted
-    rows = build_rows(results, params, stock)
-    table = markdown(rows, stock)
+    extra = [s.name for s in servers if s.name in EXTRA_HEADS]
+    rows = build_rows(results, params, extra)
+    table = markdown(rows, extra)
     note_lines = notes(results)
     m = machine
     print(f"# wschat benchmark{' (QUICK smoke run: small numbers, not comparable)' if args.quick else ''}")
@@ -756,14 +786,17 @@ def main() -> int:
     if stock:
         print("wschat on stock uvicorn: bench/wschat_stock_app.py (create_app() under `uvicorn` with its "
               f"default settings, ws: {m.get('uvicorn_ws_auto')}); the headline ratio is wschat/baseline")
+    if args.compare:
+        print(f"wschat at --compare: wschat.py as of git {args.compare}, served as wschat is")
     print(f"run took {elapsed:.0f} s{' (INTERRUPTED)' if interrupted else ''}; server/loadgen logs in {logdir}")
     versions = {json.dumps(r["wschat_version"], sort_keys=True) for per in results.values()
                 for r in per.values() if "wschat_version" in r}
     for v in sorted(versions):
         v = json.loads(v)
-        print(f"wschat.py: sha256 {v['sha256']}, git HEAD {v.get('git_head')}"
+        where = f"git HEAD {v.get('git_head')}" if "git_head" in v else v["path"]
+        print(f"wschat.py: sha256 {v['sha256']}, {where}"
               f"{' + uncommitted changes' if v.get('uncommitted_changes') else ''}")
-    if len(versions) > 1:
+    if len(versions) > 1 + bool(args.compare):
         print("WARNING: wschat.py changed during the run; scenarios ran different versions (see results.json)")
     bgs = [r["background"]["other_cpu_pct_of_core"] for per in results.values() for r in per.values()
            if "background" in r]
@@ -781,7 +814,7 @@ def main() -> int:
            "duration_s": round(elapsed, 1), "machine": machine, "cores": {"server": SERVER_CORE,
            "loadgen": LOADGEN_CORE}, "params": params, "logs": str(logdir),
            "results": {str(k): v for k, v in results.items()},
-           "table": [dict(zip(JSON_KEYS, r)) for r in rows],
+           "table": [dict(zip(json_keys(extra), r)) for r in rows],
            "notes": note_lines}
     Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     log(f"results written to {args.json}")
