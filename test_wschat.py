@@ -2531,6 +2531,199 @@ def test_embedding_a_slow_authorize_on_one_handshake_delays_nobody_else(serve, t
 
 
 # ---------------------------------------------------------------------------
+# Durable history on one node: the SQLite broker (SPEC section 12)
+# ---------------------------------------------------------------------------
+
+def sqlite_url(path: pathlib.Path) -> str:
+    return f"sqlite:///{path}"       # an absolute path: sqlite:////tmp/.../chat.db
+
+
+def stored_rows(path: pathlib.Path, room: str) -> list[tuple[int, str]]:
+    """(id, text) of what the file keeps for ``room`` (read while no server holds it)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [(message_id, json.loads(frame)["text"]) for message_id, frame in db.execute(
+            "SELECT id, frame FROM wschat_messages WHERE room = ? ORDER BY id", (room,))]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "kill -9"])
+def test_sqlite_restart_keeps_epoch_ids_and_history_and_a_resume_recovers_exactly_the_gap(serve, tmp_path, stop):
+    """Restarted on the same file (after SIGTERM or kill -9): every room keeps its epoch and last id; a client
+    that resumes with since/epoch gets exactly the messages it missed and "recovered": true; ids go on."""
+    path = tmp_path / "chat.db"
+    server = serve("--broker", sqlite_url(path), "--rate", "0")
+
+    async def before_restart() -> tuple[str, int]:
+        alice, welcome = await join(room_url(server, "r", "alice"))
+        for i in range(3):
+            await alice.send(f"seen {i}")
+        seen = await alice.messages(3)
+        await alice.close()
+        for i in range(4):
+            assert (await ahttp("POST", server.url + "/rooms/r/messages", {"text": f"missed {i}"}))[0] == 201
+        return welcome["epoch"], seen[-1]["id"]
+
+    epoch, last_seen = run(before_restart())
+    server.stop(signal.SIGTERM if stop == "SIGTERM" else signal.SIGKILL)
+    again = serve("--broker", sqlite_url(path), "--rate", "0", port=server.port)
+
+    async def after_restart() -> None:
+        alice, welcome = await join(room_url(again, "r", "alice", since=last_seen, epoch=epoch))
+        assert (welcome["epoch"], welcome["last_id"], welcome["recovered"]) == (epoch, 7, True)
+        assert [m["text"] for m in await alice.messages(4)] == [f"missed {i}" for i in range(4)]
+        await alice.send("after the restart")
+        assert (await alice.messages(1))[0]["id"] == 8
+        await alice.close()
+
+    run(after_restart())
+    assert "Traceback" not in again.log
+
+
+def test_sqlite_kill9_while_publishing_loses_no_acknowledged_message(serve, tmp_path):
+    """kill -9 while several clients publish (over WebSocket and HTTP): after a restart on the same file every
+    acknowledged message is there, once, in id order, and the file opens cleanly."""
+    path = tmp_path / "chat.db"
+    server = serve("--broker", sqlite_url(path), "--rate", "0", "--history", "1000")
+    acknowledged: set[str] = set()
+
+    async def publisher(n: int) -> None:
+        with contextlib.suppress(Exception):   # the server dies under it
+            async with client(room_url(server, "k", f"p{n}")) as ws:
+                await ws.recv()
+                i = 0
+                while True:
+                    text = f"p{n}-{i}"
+                    await ws.send(text)
+                    await ws.recv_until(lambda f: isinstance(f, dict) and f.get("text") == text)
+                    acknowledged.add(text)   # delivered back to its sender: acknowledged
+                    i += 1
+
+    def poster() -> None:
+        i = 0
+        with contextlib.suppress(OSError):
+            while True:
+                text = f"http-{i}"
+                if http("POST", server.url + "/rooms/k/messages", {"text": text}, timeout=2)[0] == 201:
+                    acknowledged.add(text)
+                i += 1
+
+    async def body() -> None:
+        tasks = [asyncio.ensure_future(publisher(n)) for n in range(4)]
+        posting = asyncio.ensure_future(asyncio.to_thread(poster))
+        await wait_for_condition(lambda: len(acknowledged) >= 300, timeout=30)
+        os.kill(server.process.pid, signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*tasks, posting), 15)
+
+    run(body(), 60)
+    server.stop()
+    rows = stored_rows(path, "k")
+    texts = [text for _, text in rows]
+    assert acknowledged <= set(texts), sorted(acknowledged - set(texts))[:10]
+    assert len(texts) == len(set(texts)) and [i for i, _ in rows] == sorted({i for i, _ in rows})
+    again = serve("--broker", sqlite_url(path), "--history", "1000")
+    page = http("GET", again.url + "/rooms/k/messages")[1]
+    assert page["last_id"] >= max(i for i, _ in rows) and set(texts) <= {m["text"] for m in page["messages"]}
+
+
+def test_sqlite_concurrent_writers_share_one_strictly_increasing_sequence_per_room(serve, tmp_path):
+    """Many clients publishing at once into two rooms: per room the ids are 1..N, each message stored and
+    delivered once, in id order, to a listener."""
+    server = serve("--broker", sqlite_url(tmp_path / "chat.db"), "--rate", "0", "--history", "1000")
+
+    async def body() -> None:
+        listeners = {room: Collector((await join(room_url(server, room, "listener")))[0]) for room in ("a", "b")}
+        writers = [(await join(room_url(server, room, f"w{n}")))[0] for n in range(6) for room in ("a", "b")]
+        await asyncio.gather(*(ws.send(f"{id(ws)}-{i}") for ws in writers for i in range(40)))
+        for room, listener in listeners.items():
+            await wait_for_condition(lambda: len(listener.texts()) == 240, timeout=20)
+            frames = [f for f in listener.frames if isinstance(f, dict) and f.get("type") == "message"]
+            assert [f["id"] for f in frames] == list(range(1, 241))
+            stored = http("GET", f"{server.url}/rooms/{room}/messages")[1]["messages"]
+            assert [(m["id"], m["text"]) for m in stored] == [(f["id"], f["text"]) for f in frames]
+        for ws in (*writers, *(listener.ws for listener in listeners.values())):
+            await ws.close()
+
+    run(body(), 60)
+
+
+@pytest.mark.parametrize("broker", ["memory", "sqlite", "redis"])
+def test_history_pages_backwards_with_before_on_every_broker(serve, tmp_path, broker, request):
+    """GET /rooms/{room}/messages?before=ID&limit=N: the latest N kept messages with id < ID, oldest first, on
+    every broker; the SQLite one reaches back past --history, as far as --retain."""
+    url = {"memory": "memory://", "sqlite": sqlite_url(tmp_path / "chat.db")}.get(broker)
+    if url is None:
+        url = request.getfixturevalue("redis_server").url
+    server = serve("--broker", url, "--rate", "0", "--history", "5", "--retain", "12")
+    for i in range(1, 21):
+        assert http("POST", f"{server.url}/rooms/p/messages", {"text": f"m{i}"})[0] == 201
+
+    def page(**query: Any) -> list[int]:
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        status, body = http("GET", f"{server.url}/rooms/p/messages?{qs}")
+        assert status == 200, body
+        return [m["id"] for m in body["messages"]]
+
+    assert page() == [16, 17, 18, 19, 20]                       # what a join replays: --history
+    assert page(before=19, limit=2) == [17, 18]
+    if broker == "sqlite":
+        assert page(before=16, limit=3) == [13, 14, 15]         # older than --history: from the file
+        assert page(before=12, limit=10) == [9, 10, 11]          # --retain keeps 9..20
+    else:
+        assert page(before=17, limit=10) == [16]                 # within what the broker keeps
+    assert http("GET", f"{server.url}/rooms/p/messages?before=5&since=2")[0] == 422
+
+
+def test_sqlite_deleted_messages_leave_the_file_and_retain_bounds_it(serve, tmp_path):
+    """A deleted message is deleted from the file; the file keeps the last --retain messages per room."""
+    path = tmp_path / "chat.db"
+    server = serve("--broker", sqlite_url(path), "--rate", "0", "--history", "2", "--retain", "5")
+    ids = [http("POST", f"{server.url}/rooms/d/messages", {"text": f"m{i}"})[1]["id"] for i in range(10)]
+    assert http("DELETE", f"{server.url}/rooms/d/messages/{ids[-2]}")[0] == 204
+    assert http("DELETE", f"{server.url}/rooms/d/messages/{ids[0]}")[0] == 404    # no longer kept
+    server.stop()
+    assert stored_rows(path, "d") == [(6, "m5"), (7, "m6"), (8, "m7"), (10, "m9")]
+
+
+def test_sqlite_relative_path_is_relative_to_the_working_directory(serve, tmp_path):
+    """sqlite:///chat.db is chat.db in the server's working directory."""
+    server = serve("--broker", "sqlite:///chat.db", cwd=tmp_path)
+    assert http("POST", f"{server.url}/rooms/r/messages", {"text": "here"})[0] == 201
+    server.stop()
+    assert stored_rows(tmp_path / "chat.db", "r") == [(1, "here")]
+
+
+def serve_fails(*args: str, cwd: pathlib.Path = HERE) -> tuple[int, str]:
+    """``python wschat.py serve ARGS`` that must refuse to start: (exit status, what it printed)."""
+    done = subprocess.run([sys.executable, str(HERE / "wschat.py"), "serve", "--port", str(free_port()), *args],
+                          capture_output=True, text=True, timeout=30, cwd=cwd)
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def test_sqlite_bad_files_stop_serve_with_one_line_naming_the_file(serve, tmp_path):
+    """A file that is not a wschat database (not SQLite, or another application's), read-only, or locked by
+    another wschat: serve exits non-zero with one line naming the file. --workers 2 is refused too."""
+    text_file = tmp_path / "notes.db"
+    text_file.write_text("these are my notes, not a database\n" * 100)
+    other_app = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other_app)) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+    read_only = tmp_path / "readonly.db"
+    serve("--broker", sqlite_url(read_only)).stop()
+    read_only.chmod(0o444)
+    locked = tmp_path / "locked.db"
+    holder = serve("--broker", sqlite_url(locked))
+    for path, reason in ((text_file, "not a wschat database"), (other_app, "not a wschat database"),
+                         (read_only, "read-only"), (locked, "locked by another process")):
+        status, output = serve_fails("--broker", sqlite_url(path))
+        assert status != 0 and len(output.splitlines()) == 1, output
+        assert str(path) in output and reason in output, output
+    assert "Traceback" not in holder.log and http("GET", holder.url + "/healthz")[0] == 200
+    status, output = serve_fails("--broker", sqlite_url(tmp_path / "w.db"), "--workers", "2")
+    assert status != 0 and "--workers" in output
+    with contextlib.closing(sqlite3.connect(other_app)) as db:   # nothing of ours was written into it
+        assert [row[0] for row in db.execute("SELECT name FROM sqlite_master")] == ["invoices"]
+
+
+# ---------------------------------------------------------------------------
 # Security and limits: helpers
 # ---------------------------------------------------------------------------
 
@@ -4819,6 +5012,26 @@ def test_page_after_a_kick_says_why_and_does_not_reconnect_and_drops_deleted_mes
         expect(page.get_by_role("status")).to_have_text("Removed by the server (code 4003, removed)", timeout=WAIT)
         expect(page.get_by_role("button", name="Connect", exact=True)).to_be_visible()   # no retry pending
         assert root.call("GET", "/chat/rooms/team-1/members")[1]["members"] == []
+    finally:
+        context.close()
+
+
+def test_page_load_older_pages_back_through_the_kept_history(serve, browser, tmp_path):
+    """With the SQLite broker and --history 3, the page shows the last 3 messages; "Load older" prepends the
+    earlier ones, in order, until there are none."""
+    server = serve("--broker", f"sqlite:///{tmp_path / 'chat.db'}", "--history", "3", "--rate", "0")
+    for i in range(1, 9):
+        assert http("POST", f"{server.url}/rooms/old/messages", {"text": f"note {i}"})[0] == 201
+    context = browser.new_context()
+    try:
+        page = open_chat(context, server.url + "/", room="old", name="reader")
+        items = messages(page).get_by_role("listitem")
+        expect(items).to_have_count(3, timeout=WAIT)
+        older = page.get_by_role("button", name="Load older")
+        older.click()
+        expect(items).to_have_count(8, timeout=WAIT)
+        expect(items).to_contain_text([f"note {i}" for i in range(1, 9)])
+        expect(older).to_be_hidden()
     finally:
         context.close()
 

@@ -43,10 +43,12 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import socket
 import struct
+import threading
 import time
 import weakref
 from collections import deque
@@ -127,7 +129,8 @@ class NotAllowed(Reject):
 # ---------------------------------------------------------------------------
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-BROKER_SCHEMES = ("memory", "redis", "rediss", "unix")
+BROKER_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+SINGLE_PROCESS_BROKERS = ("memory", "sqlite")
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ class Settings:
     tokens: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     history: int = 100
+    retain: int = 10_000
     max_message_size: int = 64 * 1024
     rate: float = 20.0
     max_connections: int = 10_000
@@ -164,6 +168,7 @@ class Settings:
         _require(0 < self.port < 65536, "port", self.port, "between 1 and 65535")
         _require(self.timeout >= 0, "timeout", self.timeout, "0 (off) or more seconds")
         _require(self.history >= 0, "history", self.history, "0 (keep none) or more")
+        _require(self.retain >= 0, "retain", self.retain, "0 or more messages per room")
         _require(self.max_message_size >= 1, "max_message_size", self.max_message_size, "at least 1 byte")
         _require(self.rate >= 0, "rate", self.rate, "0 (off) or more messages per second")
         _require(self.max_connections >= 1, "max_connections", self.max_connections, "at least 1")
@@ -173,7 +178,7 @@ class Settings:
         _require(self.presence_interval > 0, "presence_interval", self.presence_interval, "more than 0 seconds")
         _require(self.log_level.lower() in LOG_LEVELS, "log_level", self.log_level, f"one of {LOG_LEVELS}")
         _require(urlsplit(self.broker).scheme in BROKER_SCHEMES, "broker", mask_url(self.broker),
-                 "memory:// or redis://host:port/db")
+                 "memory://, sqlite:///path or redis://host:port/db")
         _require(all(t and t.strip() == t for t in self.tokens), "tokens", "<hidden>",
                  "non-empty, without surrounding spaces")
         _require(all(o == "*" or urlsplit(o).netloc for o in self.allowed_origins), "allowed_origins",
@@ -909,7 +914,7 @@ class ConnectionManager:
         self.settings = settings or Settings()
         self.hooks = hooks or Hooks()
         self.broker: Broker = broker or broker_from_url(self.settings.broker, history=self.settings.history,
-                                                        max_rooms=self.settings.max_rooms)
+                                                        max_rooms=self.settings.max_rooms, retain=self.settings.retain)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.post_limiter = RateLimiter(self.settings.rate, self.settings.rate_burst)
         self._connections: dict[ChatSocket, Connection] = {}   # every connection not yet ENDED
@@ -1478,12 +1483,19 @@ class ConnectionManager:
         """Retained messages of ``room`` with id > ``since``, oldest first, at most ``limit``."""
         return (await self.history_page(room, since=since, limit=limit))["messages"]
 
-    async def history_page(self, room: str, *, since: int | None = None, limit: int | None = None) -> dict:
+    async def history_page(self, room: str, *, since: int | None = None, limit: int | None = None,
+                           before: int | None = None) -> dict:
+        """A page of ``room``'s history, oldest first: after ``since`` (at most ``limit``), or the
+        latest ``limit`` (default ``history``) kept before ``before``, reaching as far back as
+        the broker keeps (SQLite: ``retain``)."""
         _check_room(room)
         await self.start()
         epoch, last_id, retained = await self.broker.history(room)
-        messages = [message for message, _ in retained if since is None or message["id"] > since]
-        return {"room": room, "epoch": epoch, "last_id": last_id, "messages": messages[:limit]}
+        if before is not None:
+            messages = await self.broker.page(room, before, limit or self.settings.history or 100)
+        else:
+            messages = [message for message, _ in retained if since is None or message["id"] > since][:limit]
+        return {"room": room, "epoch": epoch, "last_id": last_id, "messages": messages}
 
     async def rooms(self) -> dict[str, int]:
         """Rooms with at least one member, and how many members each has."""
@@ -1564,6 +1576,8 @@ class Broker(Protocol):
     async def kick(self, client_id: str, room: str | None, code: int, reason: str) -> None:
         """Tell the other processes (the local one is the manager's)."""
     async def delete(self, room: str, message_id: int) -> bool: ...
+    async def page(self, room: str, before: int, limit: int) -> list[dict]:
+        """The latest ``limit`` kept messages with id < ``before``, oldest first."""
     async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]: ...
     async def subscribe(self, room: str) -> None: ...
     def unsubscribe(self, room: str) -> None: ...
@@ -1576,10 +1590,13 @@ class Broker(Protocol):
     async def rooms(self) -> dict[str, int]: ...
 
 
-def broker_from_url(url: str, *, history: int = 100, max_rooms: int = 10_000) -> Broker:
-    """``memory://`` or ``redis://host:port/db``; Redis is imported only when asked for."""
-    if urlsplit(url).scheme == "memory":
+def broker_from_url(url: str, *, history: int = 100, max_rooms: int = 10_000, retain: int = 10_000) -> Broker:
+    """``memory://``, ``sqlite:///path`` or ``redis://host:port/db``; Redis is imported only when asked for."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
         return MemoryBroker(history=history, max_rooms=max_rooms)
+    if scheme == "sqlite":
+        return SQLiteBroker(url, history=history, max_rooms=max_rooms, retain=retain)
     return RedisBroker(url, history=history)
 
 
@@ -1590,6 +1607,7 @@ class _MemoryRoom:
     last_id: int = 0
     members: dict[str, None] = field(default_factory=dict)
     subscribers: int = 0         # managers' subscriptions (one per local Room)
+    pending: int = 0             # writes not yet committed (SQLite)
 
 
 class MemoryBroker:
@@ -1665,6 +1683,11 @@ class MemoryBroker:
             return "", 0, []   # reading an unknown room does not create it
         return sequence.epoch, sequence.last_id, list(sequence.retained)
 
+    async def page(self, room: str, before: int, limit: int) -> list[dict]:
+        sequence = self._rooms.get(room)
+        older = [message for message, _ in sequence.retained if message["id"] < before] if sequence else []
+        return older[-limit:]
+
     async def subscribe(self, room: str) -> None:
         self._room(room).subscribers += 1
 
@@ -1703,6 +1726,359 @@ class MemoryBroker:
 
     async def rooms(self) -> dict[str, int]:
         return {name: len(room.members) for name, room in self._rooms.items() if room.members}
+
+
+class _SQLiteFile:
+    """The SQLite file, and the one thread that touches it (the event loop never waits on disk).
+
+    Work is queued: writes (``write``) are grouped, everything queued since the last
+    commit going into one transaction, so a busy room costs one fsync per batch, not per
+    message; reads (``read``) run in order with them. Each caller gets a future, resolved
+    on the event loop once its transaction has committed (or failed), in the order the
+    work was queued; ``on_commit`` runs there first, for every write of the batch.
+
+    The file is opened in WAL mode with ``synchronous=FULL`` (a committed transaction
+    survives ``kill -9`` and a power cut) and ``locking_mode=EXCLUSIVE``: this process
+    alone uses it while it runs.
+    """
+
+    SCHEMA_VERSION = "1"
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS wschat_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS wschat_rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_id INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS wschat_messages (room TEXT NOT NULL, id INTEGER NOT NULL, frame TEXT NOT NULL,"
+        " PRIMARY KEY (room, id)) WITHOUT ROWID",
+    )
+    BATCH = 2000   # writes per transaction, at most
+
+    def __init__(self, path: str, *, keep: int) -> None:
+        self.path = path
+        self._keep = keep
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_commit: Callable[[tuple], Any] = lambda write: None
+
+    # -- opening ----------------------------------------------------------------
+
+    def open(self) -> Any:
+        """Open and check the file (any thread): BrokerUnavailable naming it when it is not a
+        wschat database, is read-only, or is locked by another process."""
+        import sqlite3
+        if os.path.exists(self.path) and not os.stat(self.path).st_mode & 0o222:
+            # Its mode says read-only: honoured even where the OS would let us write (root).
+            raise BrokerUnavailable(f"{self.path}: the file is read-only")
+        try:
+            db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise BrokerUnavailable(f"cannot open {self.path}: {exc}") from None
+        try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise BrokerUnavailable(f"{self.path}: cannot use write-ahead logging here")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")   # takes the exclusive lock now, and keeps it
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "wschat_meta" not in tables:
+                raise BrokerUnavailable(f"{self.path} is not a wschat database (it holds other tables)")
+            for statement in self.SCHEMA:
+                db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO wschat_meta VALUES ('schema', ?)", (self.SCHEMA_VERSION,))
+            version = db.execute("SELECT value FROM wschat_meta WHERE key = 'schema'").fetchone()[0]
+            if version != self.SCHEMA_VERSION:
+                raise BrokerUnavailable(f"{self.path}: wschat schema {version}, this wschat knows {self.SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            db.close()
+            raise BrokerUnavailable(f"{self.path}: {_sqlite_problem(exc)}") from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        opened: asyncio.Future = loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(opened,), name=f"wschat-sqlite {self.path}",
+                                        daemon=True)
+        self._thread.start()
+        await opened
+
+    async def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            self._thread = None
+
+    # -- the caller's side --------------------------------------------------------
+
+    def write(self, write: tuple) -> asyncio.Future:
+        """Queue a write: ``("room", name, epoch)``, ``("message", room, id, frame)`` or
+        ``("delete", room, id)``. Its future resolves once committed (delete: to whether a
+        message was deleted)."""
+        future = self._loop.create_future()  # type: ignore[union-attr]
+        self._queue.put((True, write, future))
+        return future
+
+    def read(self, query: Callable[[Any], Any]) -> asyncio.Future:
+        """Run ``query(connection)`` in the file's thread, after what was queued before."""
+        future = self._loop.create_future()  # type: ignore[union-attr]
+        self._queue.put((False, query, future))
+        return future
+
+    # -- the file's thread ------------------------------------------------------------
+
+    def _run(self, opened: asyncio.Future) -> None:
+        try:
+            db = self.open()
+        except BaseException as exc:
+            self._loop.call_soon_threadsafe(_settle, opened, None, exc)  # type: ignore[union-attr]
+            return
+        self._loop.call_soon_threadsafe(_settle, opened, None, None)  # type: ignore[union-attr]
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                batch = [item]
+                while len(batch) < self.BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._queue.put(None)   # finish this batch first
+                        break
+                    batch.append(item)
+                self._work(db, batch)
+        finally:
+            db.close()
+
+    def _work(self, db: Any, batch: list[tuple]) -> None:
+        writes: list[tuple] = []
+        for is_write, work, future in batch:
+            if is_write:
+                writes.append((work, future))
+                continue
+            self._commit(db, writes)
+            writes = []
+            try:
+                result, error = work(db), None
+            except Exception as exc:
+                result, error = None, BrokerUnavailable(f"{self.path}: {_sqlite_problem(exc)}")
+            self._loop.call_soon_threadsafe(_settle, future, result, error)  # type: ignore[union-attr]
+        self._commit(db, writes)
+
+    def _commit(self, db: Any, writes: list[tuple]) -> None:
+        if not writes:
+            return
+        results: list[Any] = []
+        error: BaseException | None = None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            newest: dict[str, int] = {}
+            for write, _ in writes:
+                results.append(self._apply(db, write, newest))
+            for room, last_id in newest.items():
+                db.execute("UPDATE wschat_rooms SET last_id = max(last_id, ?) WHERE room = ?", (last_id, room))
+                db.execute("DELETE FROM wschat_messages WHERE room = ? AND id <= ?", (room, last_id - self._keep))
+            db.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                db.execute("ROLLBACK")
+            error = BrokerUnavailable(f"{self.path}: {_sqlite_problem(exc)}")
+            logger.error("could not commit to %s: %s", self.path, error)
+        self._loop.call_soon_threadsafe(self._committed, writes, results, error)  # type: ignore[union-attr]
+
+    @staticmethod
+    def _apply(db: Any, write: tuple, newest: dict[str, int]) -> Any:
+        kind, room, *rest = write
+        if kind == "message":
+            message_id, frame = rest
+            db.execute("INSERT INTO wschat_messages VALUES (?, ?, ?)", (room, message_id, frame))
+            newest[room] = max(message_id, newest.get(room, 0))
+            return None
+        if kind == "room":
+            db.execute("INSERT OR IGNORE INTO wschat_rooms VALUES (?, ?, 0)", (room, rest[0]))
+            return None
+        return db.execute("DELETE FROM wschat_messages WHERE room = ? AND id = ?", (room, rest[0])).rowcount > 0
+
+    def _committed(self, writes: list[tuple], results: list[Any], error: BaseException | None) -> None:
+        # On the event loop, in the order committed: deliveries follow id order.
+        for index, (write, future) in enumerate(writes):
+            if error is None:
+                self.on_commit(write)
+            _settle(future, results[index] if error is None else None, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _sqlite_problem(exc: BaseException) -> str:
+    """What a sqlite3 error means for an operator, in a few words."""
+    text = str(exc)
+    if "readonly" in text or "read-only" in text:
+        return "the file is read-only"
+    if "locked" in text:
+        return "the file is locked by another process (another wschat?)"
+    if "not a database" in text:
+        return "not a wschat database (not an SQLite file)"
+    return text
+
+
+class SQLiteBroker(MemoryBroker):
+    """Durable history on one node: each room's epoch, id sequence and last ``retain``
+    messages in one SQLite file (the standard library's ``sqlite3``; no server).
+
+    One process, like ``memory://``: presence and fan-out are the memory broker's. A
+    message is numbered at once from the room's sequence (so ids stay strictly
+    increasing, and in order), written, and acknowledged (delivered to anyone, answered,
+    returned by ``publish``) only once its transaction has committed: ``kill -9`` at any
+    moment loses nothing acknowledged. A restart keeps every room's epoch and last id, so
+    a client resuming with ``since``/``epoch`` gets exactly what it missed.
+
+    In memory: the rooms in use (members, subscribers, writes pending), each with its last
+    ``history`` messages, which is what a join replays; older ones are read from the file
+    (``page``). ``max_rooms`` counts the rooms in the file.
+    """
+
+    def __init__(self, url: str, *, history: int = 100, max_rooms: int = 10_000, retain: int = 10_000) -> None:
+        super().__init__(history=history, max_rooms=max_rooms)
+        self.url = url
+        self.path = _sqlite_path(url)
+        self._file = _SQLiteFile(self.path, keep=max(retain, history))
+        self._file.on_commit = self._committed
+        self._loading: dict[str, asyncio.Future] = {}
+        self._stored_rooms = 0          # rooms in the file
+        self._health: tuple[bool, str] = (False, "opening the database")
+
+    async def ping(self) -> None:
+        """Open and check the file now (``serve`` does, before it starts): BrokerUnavailable naming it."""
+        self._file.open().close()
+
+    async def start(self, listener: BrokerListener) -> None:
+        await super().start(listener)
+        await self._file.start(asyncio.get_running_loop())
+        self._stored_rooms = await self._file.read(
+            lambda db: db.execute("SELECT count(*) FROM wschat_rooms").fetchone()[0])
+        self._health = (True, "ok")
+
+    async def stop(self) -> None:
+        await self._file.stop()
+        self._health = (False, "stopped")
+
+    def health(self) -> tuple[bool, str]:
+        return self._health
+
+    # -- rooms: in memory while in use, in the file always -------------------------
+
+    async def _loaded(self, name: str, *, create: bool) -> _MemoryRoom | None:
+        """The room's sequence, read from the file if it is not in memory (once, however many
+        ask at the same time); with ``create``, a new room (new epoch) if the file has none."""
+        room = self._rooms.get(name)
+        while room is None:
+            loading = self._loading.get(name)
+            if loading is None:
+                loading = self._loading[name] = asyncio.ensure_future(self._load(name))
+                loading.add_done_callback(lambda _: self._loading.pop(name, None))
+            await asyncio.shield(loading)
+            room = self._rooms.get(name)
+            if room is None:
+                if not create:
+                    return None
+                if self._stored_rooms >= self._max_rooms:
+                    raise RoomLimitReached(f"too many rooms: this server holds at most {self._max_rooms}")
+                room = self._rooms[name] = _MemoryRoom(epoch=secrets.token_hex(6), retained=deque(maxlen=self._history))
+                self._stored_rooms += 1
+                self._file.write(("room", name, room.epoch))
+        return room
+
+    async def _load(self, name: str) -> None:
+        keep = self._history
+
+        def query(db: Any) -> tuple[str, int, list[str]] | None:
+            row = db.execute("SELECT epoch, last_id FROM wschat_rooms WHERE room = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            frames = [frame for (frame,) in db.execute(
+                "SELECT frame FROM wschat_messages WHERE room = ? ORDER BY id DESC LIMIT ?", (name, keep))]
+            return row[0], row[1], frames[::-1]
+
+        found = await self._file.read(query)
+        if found is not None and name not in self._rooms:
+            epoch, last_id, frames = found
+            room = self._rooms[name] = _MemoryRoom(epoch=epoch, retained=deque(maxlen=self._history), last_id=last_id)
+            room.retained.extend((json.loads(frame), frame) for frame in frames)
+
+    def _forget_if_idle(self, name: str) -> None:
+        room = self._rooms.get(name)
+        if room is not None and not (room.members or room.subscribers or room.pending):
+            del self._rooms[name]   # it is all in the file
+
+    async def subscribe(self, room: str) -> None:
+        (await self._loaded(room, create=True)).subscribers += 1  # type: ignore[union-attr]
+
+    # -- messages ---------------------------------------------------------------------
+
+    async def publish(self, room: str, sender: str, text: str, *, system: bool = False) -> tuple[dict, str]:
+        sequence = await self._loaded(room, create=True)
+        assert sequence is not None
+        sequence.last_id += 1
+        message = message_event(room, sequence.last_id, sender, text, system=system)
+        sequence.pending += 1
+        try:
+            await self._file.write(("message", room, message["id"], encode(message)))
+        finally:
+            sequence.pending -= 1
+            self._forget_if_idle(room)
+        return message, sequence.epoch
+
+    def _committed(self, write: tuple) -> None:
+        """A write is in the file: now it may be seen (on the event loop, in commit order)."""
+        kind, room, *rest = write
+        sequence = self._rooms.get(room)
+        if kind == "message" and sequence is not None:
+            message_id, frame = rest
+            message = json.loads(frame)
+            if self._history:
+                sequence.retained.append((message, frame))
+            self._listener.deliver(room, message, frame, sequence.epoch)  # type: ignore[union-attr]
+        elif kind == "delete" and sequence is not None:
+            for item in [item for item in sequence.retained if item[0]["id"] == rest[0]]:
+                sequence.retained.remove(item)
+
+    async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
+        sequence = await self._loaded(room, create=False)
+        if sequence is None:
+            return "", 0, []
+        result = sequence.epoch, sequence.last_id, list(sequence.retained)
+        self._forget_if_idle(room)
+        return result
+
+    async def page(self, room: str, before: int, limit: int) -> list[dict]:
+        frames = await self._file.read(lambda db: [frame for (frame,) in db.execute(
+            "SELECT frame FROM wschat_messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (room, before, limit))])
+        return [json.loads(frame) for frame in reversed(frames)]
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        deleted = await self._file.write(("delete", room, message_id))
+        if deleted:
+            self._listener.deleted(room, message_id)  # type: ignore[union-attr]
+        return deleted
+
+
+def _sqlite_path(url: str) -> str:
+    """``sqlite:///chat.db`` -> ``chat.db`` (relative), ``sqlite:////var/lib/chat.db`` -> absolute."""
+    path = urlsplit(url).path
+    _require(path.startswith("/") and len(path) > 1, "broker", url, "sqlite:///relative/path or sqlite:////absolute/path")
+    return path[1:]
 
 
 class RedisBroker:
@@ -1981,6 +2357,10 @@ class RedisBroker:
     async def kick(self, client_id: str, room: str | None, code: int, reason: str) -> None:
         order = {"node": self._node, "client_id": client_id, "room": room, "code": code, "reason": reason}
         await self._call(self._client.publish(self.NODES_CHANNEL, self.PAYLOAD_KICK + encode(order)))
+
+    async def page(self, room: str, before: int, limit: int) -> list[dict]:
+        frames = await self._call(self._client.lrange(self._key(room, "history"), 0, -1))
+        return [message for message in map(json.loads, frames) if message["id"] < before][-limit:]
 
     async def delete(self, room: str, message_id: int) -> bool:
         deleted = await self._call(self._delete_script(
@@ -2499,7 +2879,7 @@ def _room_param(room: str = Path(description="1-64 of A-Z a-z 0-9 _ . -")) -> st
 def create_app(*, host: str = Settings.host, port: int = Settings.port, timeout: float = Settings.timeout,
                broker: str = Settings.broker, tokens: Iterable[str] = Settings.tokens,
                allowed_origins: Iterable[str] = Settings.allowed_origins, history: int = Settings.history,
-               max_message_size: int = Settings.max_message_size, rate: float = Settings.rate,
+               retain: int = Settings.retain, max_message_size: int = Settings.max_message_size, rate: float = Settings.rate,
                max_connections: int = Settings.max_connections, send_queue: int = Settings.send_queue,
                workers: int = Settings.workers, log_level: str = Settings.log_level,
                root_path: str = Settings.root_path, allowed_hosts: Iterable[str] = Settings.allowed_hosts,
@@ -2602,8 +2982,10 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
 
     @app.get("/rooms/{room}/messages", dependencies=[allowed_to("read")])
     async def messages(room: str = Depends(_room_param), since: int | None = Query(None, ge=0),
-                       limit: int | None = Query(None, ge=1)) -> dict:
-        return await _broker_call(chat.history_page(room, since=since, limit=limit))
+                       limit: int | None = Query(None, ge=1), before: int | None = Query(None, ge=1)) -> dict:
+        if since is not None and before is not None:
+            raise HTTPException(422, "give since (page forwards) or before (page backwards), not both")
+        return await _broker_call(chat.history_page(room, since=since, limit=limit, before=before))
 
     @app.delete("/rooms/{room}/messages/{message_id}", status_code=status.HTTP_204_NO_CONTENT,
                 dependencies=[allowed_to("delete")])
@@ -3382,7 +3764,9 @@ PAGE = """<!doctype html>
   button.secondary { background: transparent; color: inherit; border-color: var(--line); }
   main { flex: 1; display: grid; grid-template-columns: 1fr 14rem; min-height: 0; }
   main.solo { grid-template-columns: 1fr; }
-  #messages { list-style: none; margin: 0; padding: .6rem 1rem; overflow-y: auto; min-height: 0; }
+  #conversation { display: flex; flex-direction: column; min-height: 0; }
+  #older { align-self: center; margin: .4rem 0 0; font-size: .85rem; padding: .2rem .7rem; }
+  #messages { list-style: none; margin: 0; padding: .6rem 1rem; overflow-y: auto; min-height: 0; flex: 1; }
   #messages li { padding: .2rem 0; overflow-wrap: anywhere; white-space: pre-wrap; }
   #messages .meta { color: var(--muted); font-size: .8rem; margin-right: .4rem; }
   #messages .from { font-weight: 600; margin-right: .35rem; }
@@ -3425,7 +3809,10 @@ PAGE = """<!doctype html>
   <button id="disconnect" type="button" class="secondary" hidden>Disconnect</button>
 </form>
 <main>
-  <ul id="messages" aria-label="Messages"></ul>
+  <section id="conversation">
+    <button id="older" type="button" class="secondary" hidden>Load older</button>
+    <ul id="messages" aria-label="Messages"></ul>
+  </section>
   <aside id="member-panel">
     <h2 id="members-title">Members</h2>
     <ul id="members" aria-label="Members"></ul>
@@ -3444,11 +3831,12 @@ PAGE = """<!doctype html>
   var ws = null, wanted = false, attempt = 0, retryTimer = null, pingTimer = null;
   var joined = false;                // welcomed since Connect: only then is a lost room worth retrying
   var lastId = null, epoch = null, roomKey = null, members = new Set();
+  var oldestId = null;               // the oldest message shown: "Load older" pages back from it
 
   function setStatus(text, state) { $("status").textContent = text; $("status").dataset.state = state; }
 
-  function addLine(parts, cls) {
-    var list = $("messages"), li = document.createElement("li");
+  function lineItem(parts, cls) {
+    var li = document.createElement("li");
     if (cls) li.className = cls;
     parts.forEach(function (part) {
       var span = document.createElement("span");
@@ -3456,6 +3844,10 @@ PAGE = """<!doctype html>
       span.textContent = part[0];            // untrusted text is only ever text
       li.appendChild(span);
     });
+    return li;
+  }
+  function addLine(parts, cls) {
+    var list = $("messages"), li = lineItem(parts, cls);
     var atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
     list.appendChild(li);
     if (atBottom || (cls || "").indexOf("incoming") < 0) list.scrollTop = list.scrollHeight;
@@ -3579,11 +3971,11 @@ PAGE = """<!doctype html>
       if (typeof frame.id === "number") {
         if (lastId !== null && frame.id <= lastId) return;     // already shown
         lastId = frame.id;
+        if (oldestId === null) oldestId = frame.id;
       }
-      var when = new Date(frame.ts * 1000).toLocaleTimeString();
-      var who = frame.to ? frame.from + " \\u2192 " + frame.to + ":" : frame.from + ":";
-      var li = addLine([[when, "meta"], [who, "from"], [frame.text]], frame.system ? "incoming system" : "incoming");
+      var li = addLine(messageParts(frame), frame.system ? "incoming system" : "incoming");
       if (typeof frame.id === "number") li.dataset.id = String(frame.id);
+      $("older").hidden = oldestId === null || oldestId <= 1;
     } else if (frame.type === "deleted") {
       var gone = $("messages").querySelector('li[data-id="' + String(Number(frame.id)) + '"]');
       if (gone) gone.remove();
@@ -3597,10 +3989,42 @@ PAGE = """<!doctype html>
   }
 
   $("mode").addEventListener("change", showFields);
+  function messageParts(frame) {
+    var when = new Date(frame.ts * 1000).toLocaleTimeString();
+    var who = frame.to ? frame.from + " \\u2192 " + frame.to + ":" : frame.from + ":";
+    return [[when, "meta"], [who, "from"], [frame.text]];
+  }
+
+  function loadOlder() {             // GET .../messages?before=: what the welcome's replay did not reach
+    var room = $("room").value.trim(), token = $("token").value, button = $("older");
+    if (oldestId === null) return;
+    button.disabled = true;
+    var url = appBase() + "rooms/" + encodeURIComponent(room) + "/messages?limit=50&before=" + oldestId;
+    fetch(url, {headers: token ? {"Authorization": "Bearer " + token} : {}, credentials: "same-origin"})
+      .then(function (response) {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        return response.json();
+      })
+      .then(function (page) {
+        var list = $("messages"), first = list.firstChild;
+        page.messages.forEach(function (frame) {
+          var li = lineItem(messageParts(frame), frame.system ? "incoming system" : "incoming");
+          li.dataset.id = String(frame.id);
+          list.insertBefore(li, first);
+        });
+        if (page.messages.length) oldestId = page.messages[0].id;
+        button.hidden = !page.messages.length || oldestId <= 1;
+      })
+      .catch(function (err) { notice("Could not load older messages (" + err.message + ")", "error"); })
+      .then(function () { button.disabled = false; });
+  }
+
+  $("older").addEventListener("click", loadOlder);
   $("settings").addEventListener("submit", function (event) {
     event.preventDefault();
     if (ws) return;
     $("messages").replaceChildren(); members.clear(); renderMembers(0);
+    oldestId = null; $("older").hidden = true;
     attempt = 0; joined = false; setWanted(true); open();
   });
   $("disconnect").addEventListener("click", function () {
@@ -3654,13 +4078,17 @@ def main() -> None:
 @_option("--timeout", env="TIMEOUT", default=300.0, type=float,
          help="Close a connection silent this many seconds (1000 'Session timeout'); 0 disables.")
 @_option("--broker", env="BROKER", default="memory://",
-         help="memory:// (one process) or redis://host:port/db (needs wschat[redis]).")
+         help="memory:// (one process), sqlite:///chat.db (one process, history kept on disk) or "
+              "redis://host:port/db (needs wschat[redis]).")
 @_option("--token", "tokens", env="TOKENS", multiple=True, callback=_split_commas,
          help="Require this token on WebSockets and POST (repeatable; env: comma-separated). "
               "None: open demo mode.")
 @_option("--allowed-origin", "allowed_origins", env="ALLOWED_ORIGIN", multiple=True, callback=_split_commas,
          help="Origin allowed to open WebSockets (repeatable, '*' for any). Default: same origin only.")
-@_option("--history", env="HISTORY", default=100, type=int, help="Messages kept per room; 0 keeps none.")
+@_option("--history", env="HISTORY", default=100, type=int,
+         help="Messages a join replays (and GET .../messages returns) per room; 0 keeps none.")
+@_option("--retain", env="RETAIN", default=10000, type=int,
+         help="Messages the sqlite broker keeps per room (GET .../messages?before=ID pages through them).")
 @_option("--max-message-size", env="MAX_MESSAGE_SIZE", default=65536, type=int,
          help="Largest frame in bytes; bigger closes with 1009.")
 @_option("--rate", env="RATE", default=20.0, type=float,
@@ -3684,8 +4112,9 @@ def serve(**options: Any) -> None:
         settings = Settings(**options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if settings.workers > 1 and urlsplit(settings.broker).scheme == "memory":
-        raise click.UsageError("--workers above 1 needs a shared broker: add --broker redis://host:6379/0")
+    if settings.workers > 1 and urlsplit(settings.broker).scheme in SINGLE_PROCESS_BROKERS:
+        raise click.UsageError(f"--workers above 1 needs a shared broker; {mask_url(settings.broker)} serves one "
+                               "process: use --broker redis://host:6379/0")
     try:
         app = _serving_app(settings)
     except (ValueError, RuntimeError) as exc:
@@ -3712,7 +4141,8 @@ def _check_broker(broker: Broker) -> None:
     try:
         asyncio.run(broker.ping())  # type: ignore[attr-defined]
     except BrokerUnavailable as exc:
-        raise click.ClickException(f"cannot reach broker {mask_url(broker.url)}: {exc}") from None
+        verb = "open" if isinstance(broker, SQLiteBroker) else "reach"
+        raise click.ClickException(f"cannot {verb} broker {mask_url(broker.url)}: {exc}") from None
 
 
 def _run(app: FastAPI, settings: Settings) -> None:
