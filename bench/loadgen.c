@@ -20,6 +20,11 @@
  * --presence string are counted as presence frames instead.  The same
  * publisher frame therefore works on servers that wrap it in JSON and on
  * servers that prefix it ("Client #pub says: BENCH:...").
+ *
+ * Mode "rooms" has no publisher: --rooms N x --members M connections, and
+ * every one of them posts its own marker frames, one per --interval seconds
+ * (a fixed interval from a random phase), to its room; each message should
+ * come back to the room's M members, the sender included.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -42,21 +47,25 @@
 /* configuration                                                       */
 
 static struct {
-    const char *mode;      /* fanout | rate | slow | conns | join */
+    const char *mode;      /* fanout | rate | slow | conns | join | rooms */
     int port;
     int server_pid;
     const char *sub_path;  /* printf template, %d = subscriber index */
     const char *pub_path;
+    const char *room_path; /* rooms mode: printf template, %d = room, %d = member */
     const char *presence;  /* substring that marks a presence frame */
-    int subs, slow, concurrency, inflight, size;
-    double duration, rate, warmup, drain, tail, settle_max, connect_timeout;
+    const char *error;     /* substring that marks an error frame from the server */
+    int subs, slow, concurrency, inflight, size, rooms, members;
+    double duration, rate, warmup, drain, tail, settle_max, connect_timeout, interval;
     int hold;
 } cfg = {
     .mode = "fanout", .port = 8000, .server_pid = 0,
-    .sub_path = "/ws/%d", .pub_path = "/ws/pub", .presence = NULL,
+    .sub_path = "/ws/%d", .pub_path = "/ws/pub", .room_path = "/ws/r%d",
+    .presence = NULL, .error = NULL,
     .subs = 1000, .slow = 0, .concurrency = 200, .inflight = 10, .size = 0,
+    .rooms = 1000, .members = 10,
     .duration = 10, .rate = 20, .warmup = 1, .drain = 5, .tail = 2,
-    .settle_max = 5, .connect_timeout = 120, .hold = 0,
+    .settle_max = 5, .connect_timeout = 120, .interval = 2, .hold = 0,
 };
 
 /* ------------------------------------------------------------------ */
@@ -121,6 +130,8 @@ enum { S_IDLE, S_CONNECTING, S_HS, S_OPEN, S_CLOSED, S_FAILED };
 
 typedef struct {
     int fd, kind, state, attempts;
+    int room;                /* rooms mode: index of its room */
+    uint32_t events;         /* what epoll watches now (saves no-op EPOLL_CTL_MODs) */
     int close_code;          /* -1: no close frame seen */
     int eof;                 /* TCP EOF / reset seen */
     int http_status;         /* handshake status when not 101 */
@@ -146,6 +157,7 @@ static struct {
     int connected, failed, inflight_hs, next_to_connect, open_subs;
     uint64_t last_join_ns, last_presence_ns;
     uint64_t pres_frames, pres_bytes;
+    uint64_t error_frames;        /* frames with the --error marker */
     uint64_t deliveries;          /* all marker frames at subscribers */
     int window;                   /* 1 while measuring */
     uint64_t win_first_seq;       /* rate mode: latencies only of messages sent in the window */
@@ -171,10 +183,28 @@ static struct {
     uint64_t bytes_dropped_unsent;
 } pub;
 
+/* rooms mode: every member posts on its own schedule.  All have the same
+   interval, so the schedule is one array sorted by phase, walked round after
+   round: O(1) per message, nothing allocated after the start. */
+static struct {
+    int active;
+    int *order;                   /* connection indexes, by phase */
+    uint64_t *phase_ns;           /* sorted, in [0, interval) */
+    int next;                     /* cursor into order */
+    uint64_t round_ns;            /* start of the current round */
+    uint64_t interval_ns, stop_ns;
+    uint64_t sent, skipped;       /* skipped: the member was not open */
+    int *open_members;            /* per room */
+    uint64_t win_first_seq;       /* the window's messages are seq >= this */
+    uint64_t win_msgs, win_expected, win_delivered;
+} rm = { .win_first_seq = UINT64_MAX };
+
 static void die(const char *msg) { perror(msg); exit(2); }
 
 static void ep_set(conn_t *c, uint32_t events, int op)
 {
+    if (op == EPOLL_CTL_MOD && c->events == events) return;
+    c->events = events;
     struct epoll_event ev = { .events = events, .data.u32 = (uint32_t)(c - conns) };
     if (epoll_ctl(epfd, op, c->fd, &ev) < 0 && op != EPOLL_CTL_DEL) die("epoll_ctl");
 }
@@ -228,6 +258,7 @@ static void conn_close(conn_t *c, uint64_t t)
 {
     if (c->state == S_CLOSED || c->state == S_FAILED) return;
     if (c->state == S_OPEN && c->kind == K_SUB) g.open_subs--;
+    if (c->state == S_OPEN && rm.open_members) rm.open_members[c->room]--;
     if (c->state == S_OPEN && g.window) g.closes_during_run++;
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
@@ -296,6 +327,7 @@ static void start_connect(conn_t *c)
     k64[j++] = '='; k64[j++] = '='; k64[j] = 0;
     char path[512], req[1024];
     if (c->kind == K_PUB) snprintf(path, sizeof path, "%s", cfg.pub_path);
+    else if (rm.open_members) snprintf(path, sizeof path, cfg.room_path, c->room, (int)(c - conns) % cfg.members);
     else snprintf(path, sizeof path, cfg.sub_path, (int)(c - conns));
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
@@ -361,6 +393,7 @@ static void on_handshake_readable(conn_t *c, uint64_t t)
     c->join_ns = t;
     g.last_join_ns = t;
     if (c->kind == K_SUB) g.open_subs++;
+    if (rm.open_members) rm.open_members[c->room]++;
     c->in_len = 0;
     /* slow clients stop reading here; only a hang-up is watched for */
     ep_set(c, c->kind == K_SLOW ? EPOLLRDHUP : EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
@@ -401,6 +434,8 @@ static void on_data(conn_t *c, const char *p, size_t n, uint64_t t)
             c->pres_frames++; c->pres_bytes += n;
             g.pres_frames++; g.pres_bytes += n;
             g.last_presence_ns = t;
+        } else if (cfg.error && memmem(p, n, cfg.error, strlen(cfg.error))) {
+            g.error_frames++;
         }
         return;
     }
@@ -414,10 +449,13 @@ static void on_data(conn_t *c, const char *p, size_t n, uint64_t t)
     while (m < e && *m >= '0' && *m <= '9') ts = ts * 10 + (uint64_t)(*m++ - '0');
     c->delivered++;
     g.deliveries++;
-    if (g.window) {
-        g.win_deliveries++;
-        if (seq >= g.win_first_seq) lat_push(t > ts ? t - ts : 0);
+    if (g.window) g.win_deliveries++;
+    if (rm.open_members) {
+        /* rooms: the window's messages, also when they arrive while draining */
+        if (seq >= rm.win_first_seq) { rm.win_delivered++; lat_push(t > ts ? t - ts : 0); }
+        return;
     }
+    if (g.window && seq >= g.win_first_seq) lat_push(t > ts ? t - ts : 0);
     if (pub.count && seq < pub.max_msgs) {
         if (++pub.count[seq] == pub.target[seq]) seq_complete((uint32_t)seq);
     }
@@ -607,6 +645,61 @@ static void pub_init(conn_t *c, uint32_t max_msgs)
 }
 
 /* ------------------------------------------------------------------ */
+/* rooms: every member posts                                           */
+
+static int cmp_phase(const void *a, const void *b)
+{
+    uint64_t x = rm.phase_ns[*(const int *)a], y = rm.phase_ns[*(const int *)b];
+    return x < y ? -1 : x > y;
+}
+
+/* Draw every member's phase (uniform in [0, interval)) and sort the members by it. */
+static void rooms_schedule(uint64_t start_ns, double seconds)
+{
+    rm.interval_ns = (uint64_t)(cfg.interval * 1e9);
+    rm.order = malloc((size_t)nconns * sizeof *rm.order);
+    uint64_t *phase = malloc((size_t)nconns * sizeof *phase);
+    rm.phase_ns = malloc((size_t)nconns * sizeof *rm.phase_ns);
+    if (!rm.order || !phase || !rm.phase_ns) die("malloc");
+    for (int i = 0; i < nconns; i++) {
+        rm.order[i] = i;
+        rm.phase_ns[i] = (uint64_t)((double)xrand() / 4294967296.0 * (double)rm.interval_ns);
+    }
+    qsort(rm.order, (size_t)nconns, sizeof *rm.order, cmp_phase);
+    for (int i = 0; i < nconns; i++) phase[i] = rm.phase_ns[rm.order[i]];
+    free(rm.phase_ns);
+    rm.phase_ns = phase;   /* now indexed like order */
+    rm.next = 0;
+    rm.round_ns = start_ns;
+    rm.stop_ns = start_ns + (uint64_t)(seconds * 1e9);
+    rm.active = 1;
+}
+
+static void room_send(conn_t *c)
+{
+    if (c->state != S_OPEN) { rm.skipped++; return; }
+    uint64_t t = now_ns(), seq = rm.sent++;
+    char msg[64];
+    int n = snprintf(msg, sizeof msg, "BENCH:%llu:%llu:", (unsigned long long)seq, (unsigned long long)t);
+    /* every member open right now should get it, the sender included */
+    if (seq >= rm.win_first_seq) { rm.win_msgs++; rm.win_expected += (uint64_t)rm.open_members[c->room]; }
+    ws_frame(c, 0x1, msg, (size_t)n);
+    flush_out(c, t);
+}
+
+/* Called after every batch of events: send whatever is due. */
+static void rooms_tick(uint64_t t)
+{
+    while (rm.active) {
+        if (t >= rm.stop_ns) { rm.active = 0; break; }
+        uint64_t due = rm.round_ns + rm.phase_ns[rm.next];
+        if (due > t || due >= rm.stop_ns) break;
+        room_send(&conns[rm.order[rm.next]]);
+        if (++rm.next == nconns) { rm.next = 0; rm.round_ns += rm.interval_ns; }
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* event loop                                                          */
 
 static void pump(int timeout_ms)
@@ -618,12 +711,20 @@ static void pump(int timeout_ms)
         int ms = until <= 0 ? 0 : (int)(until / 1000000);
         if (ms < timeout_ms) timeout_ms = ms;
     }
+    if (rm.active) {
+        /* the next post is usually well under 1 ms away: round up, or the
+           loop would spin on a 0 ms timeout (the stamp is the real send time) */
+        int64_t until = (int64_t)(rm.round_ns + rm.phase_ns[rm.next] - now_ns());
+        int ms = until <= 0 ? 0 : (int)((until + 999999) / 1000000);
+        if (ms < timeout_ms) timeout_ms = ms;
+    }
     int n = epoll_wait(epfd, ev, 1024, timeout_ms);
     if (n < 0 && errno != EINTR) die("epoll_wait");
     /* a timestamp per event, not per batch: handling 1,024 events takes long
        enough to skew latencies otherwise (vDSO clock reads are cheap) */
     for (int i = 0; i < n; i++) handle_event(&conns[ev[i].data.u32], ev[i].events, now_ns());
     pub_tick(now_ns());
+    if (rm.active) rooms_tick(now_ns());
 }
 
 /* Open every connection, at most cfg.concurrency handshakes in flight. */
@@ -696,10 +797,11 @@ static void print_common(void)
     printf("\"mode\":\"%s\",\"conns\":%d,\"connected\":%d,\"connect_failed\":%d,"
            "\"connect_failed_tcp\":%d,\"connect_failed_4xx\":%d,\"connect_failed_5xx\":%d,"
            "\"connect_failed_other\":%d,\"subs_closed_by_server\":%d,"
-           "\"closes_during_window\":%d,\"protocol_errors\":%d,\"handshakes_unfinished\":%d",
+           "\"closes_during_window\":%d,\"protocol_errors\":%d,\"error_frames\":%llu,"
+           "\"handshakes_unfinished\":%d",
            cfg.mode, nconns, g.connected, g.failed, failed_status[0], failed_status[1],
            failed_status[2], failed_status[3], subs_closed, g.closes_during_run, g.protocol_errors,
-           nconns - g.connected - g.failed);
+           (unsigned long long)g.error_frames, nconns - g.connected - g.failed);
     /* close codes seen by subscribers (first few distinct) */
     int codes[8], ncodes = 0, counts[8] = { 0 };
     for (int i = 0; i < nconns; i++) {
@@ -720,10 +822,12 @@ static void print_common(void)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: loadgen --mode fanout|rate|slow|conns|join --port P [--pid SERVER_PID]\n"
-            "  --sub-path T (printf, %%d=index)  --pub-path PATH  --presence STR\n"
+            "usage: loadgen --mode fanout|rate|slow|conns|join|rooms --port P [--pid SERVER_PID]\n"
+            "  --sub-path T (printf, %%d=index)  --pub-path PATH  --presence STR  --error-marker STR\n"
             "  --subs N --slow N --concurrency N --inflight N --size BYTES\n"
-            "  --duration S --rate MSGS_PER_S --warmup S --drain S --tail S --hold\n");
+            "  --duration S --rate MSGS_PER_S --warmup S --drain S --tail S --hold\n"
+            "  rooms: --rooms N --members M --interval S (between one member's posts)\n"
+            "         --room-path T (printf, %%d=room, %%d=member; the second may be left out)\n");
     exit(2);
 }
 
@@ -738,7 +842,12 @@ int main(int argc, char **argv)
         else if (ARG("--pid")) cfg.server_pid = atoi(v);
         else if (ARG("--sub-path")) cfg.sub_path = v;
         else if (ARG("--pub-path")) cfg.pub_path = v;
+        else if (ARG("--room-path")) cfg.room_path = v;
         else if (ARG("--presence")) cfg.presence = v;
+        else if (ARG("--error-marker")) cfg.error = v;
+        else if (ARG("--rooms")) cfg.rooms = atoi(v);
+        else if (ARG("--members")) cfg.members = atoi(v);
+        else if (ARG("--interval")) cfg.interval = atof(v);
         else if (ARG("--subs")) cfg.subs = atoi(v);
         else if (ARG("--slow")) cfg.slow = atoi(v);
         else if (ARG("--concurrency")) cfg.concurrency = atoi(v);
@@ -759,11 +868,22 @@ int main(int argc, char **argv)
 
     int mode_fanout = !strcmp(cfg.mode, "fanout"), mode_rate = !strcmp(cfg.mode, "rate"),
         mode_slow = !strcmp(cfg.mode, "slow"), mode_conns = !strcmp(cfg.mode, "conns"),
-        mode_join = !strcmp(cfg.mode, "join");
-    if (!(mode_fanout || mode_rate || mode_slow || mode_conns || mode_join)) usage();
+        mode_join = !strcmp(cfg.mode, "join"), mode_rooms = !strcmp(cfg.mode, "rooms");
+    if (!(mode_fanout || mode_rate || mode_slow || mode_conns || mode_join || mode_rooms)) usage();
     int has_pub = mode_fanout || mode_rate || mode_slow;
+    if (mode_rooms) {
+        /* the template gets (room, member): allow at most two %d and nothing else */
+        int nd = 0;
+        for (const char *q = cfg.room_path; *q; q++) {
+            if (*q != '%') continue;
+            if (q[1] == '%') { q++; continue; }
+            if (q[1] != 'd' || ++nd > 2) usage();
+        }
+        if (cfg.rooms < 1 || cfg.members < 1 || cfg.interval <= 0) usage();
+    }
 
-    nconns = cfg.subs + (mode_slow ? cfg.slow : 0) + (has_pub ? 1 : 0);
+    nconns = mode_rooms ? cfg.rooms * cfg.members
+                        : cfg.subs + (mode_slow ? cfg.slow : 0) + (has_pub ? 1 : 0);
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     if (rl.rlim_cur < (rlim_t)nconns + 64) {
@@ -786,6 +906,12 @@ int main(int argc, char **argv)
     }
     while (slow_done < nslow) conns[k++].kind = K_SLOW, slow_done++;
     for (int i = 0; i < nconns; i++) { conns[i].fd = -1; conns[i].close_code = -1; }
+    if (mode_rooms) {
+        /* rooms fill up one after the other: room i / members, member i % members */
+        for (int i = 0; i < nconns; i++) { conns[i].kind = K_SUB; conns[i].room = i / cfg.members; }
+        rm.open_members = calloc((size_t)cfg.rooms, sizeof *rm.open_members);
+        if (!rm.open_members) die("calloc");
+    }
 
     srv.sin_family = AF_INET;
     srv.sin_port = htons((uint16_t)cfg.port);
@@ -939,6 +1065,57 @@ int main(int argc, char **argv)
             first = 0;
         }
         printf("],\"slow_dropped\":%d,\"slow_dropped_detected_during_run\":%d", dropped, dropped_during);
+        print_latency();
+    } else if (mode_rooms) {
+        settle(1.0, cfg.settle_max);
+        long rss_connected = server_rss_kb(), rss_max = rss_connected;
+        uint64_t t = now_ns();
+        rooms_schedule(t, cfg.warmup + cfg.duration);
+        if (cfg.warmup > 0) run_for(cfg.warmup);
+        /* the measured window: messages sent from now on are the window's */
+        rm.win_first_seq = rm.sent;
+        uint64_t skipped0 = rm.skipped;
+        double s0 = server_cpu_us(), l0 = self_cpu_us();
+        uint64_t w0 = now_ns(), next_sample = w0 + 1000000000ull;
+        g.window = 1;
+        while (rm.active) {
+            pump(10);
+            if (now_ns() >= next_sample) {
+                long r = server_rss_kb();
+                if (r > rss_max) rss_max = r;
+                next_sample += 1000000000ull;
+            }
+        }
+        g.window = 0;
+        uint64_t w1 = now_ns();
+        double s1 = server_cpu_us(), l1 = self_cpu_us();
+        long rss_end = server_rss_kb();
+        if (rss_end > rss_max) rss_max = rss_end;
+        /* drain: what is still on its way gets `drain` seconds to arrive */
+        uint64_t drain_end = w1 + (uint64_t)(cfg.drain * 1e9);
+        while (rm.win_delivered < rm.win_expected && now_ns() < drain_end) pump(10);
+        double drained = (double)(now_ns() - w1) / 1e9;
+        double win = (double)(w1 - w0) / 1e9;
+        uint64_t lost = rm.win_expected > rm.win_delivered ? rm.win_expected - rm.win_delivered : 0;
+        printf(",\"rooms\":%d,\"members\":%d,\"interval_s\":%.3f,\"open_members\":%d,"
+               "\"window_s\":%.3f,\"msgs_sent\":%llu,\"msgs_skipped\":%llu,"
+               "\"expected_deliveries\":%llu,\"deliveries\":%llu,\"lost\":%llu,\"drain_s\":%.3f,"
+               "\"window_deliveries\":%llu,\"deliveries_per_s\":%.1f,\"expected_per_s\":%.1f,"
+               "\"server_cpu_us\":%.0f,\"loadgen_cpu_us\":%.0f,"
+               "\"server_cpu_us_per_delivery\":%.3f,\"loadgen_cpu_us_per_delivery\":%.3f,"
+               "\"server_cpu_pct\":%.1f,\"loadgen_cpu_pct\":%.1f,"
+               "\"rss_before_kb\":%ld,\"rss_connected_kb\":%ld,\"rss_max_kb\":%ld,\"rss_end_kb\":%ld,"
+               "\"presence_frames\":%llu",
+               cfg.rooms, cfg.members, cfg.interval, g.open_subs, win,
+               (unsigned long long)rm.win_msgs, (unsigned long long)(rm.skipped - skipped0),
+               (unsigned long long)rm.win_expected, (unsigned long long)rm.win_delivered,
+               (unsigned long long)lost, drained,
+               (unsigned long long)g.win_deliveries, g.win_deliveries / win, rm.win_expected / win,
+               s1 - s0, l1 - l0,
+               g.win_deliveries ? (s1 - s0) / g.win_deliveries : 0,
+               g.win_deliveries ? (l1 - l0) / g.win_deliveries : 0,
+               (s1 - s0) / (win * 1e4), (l1 - l0) / (win * 1e4),
+               rss_before, rss_connected, rss_max, rss_end, (unsigned long long)g.pres_frames);
         print_latency();
     } else if (mode_conns) {
         settle(1.0, cfg.settle_max);
