@@ -2724,6 +2724,277 @@ def test_sqlite_bad_files_stop_serve_with_one_line_naming_the_file(serve, tmp_pa
 
 
 # ---------------------------------------------------------------------------
+# Metrics (SPEC section 13)
+# ---------------------------------------------------------------------------
+
+SPEC_METRICS = {"wschat_connections", "wschat_connections_accepted", "wschat_messages_received",
+                "wschat_messages_delivered", "wschat_slow_clients_dropped", "wschat_disconnects",
+                "wschat_rate_limited", "wschat_resumes", "wschat_broker_up", "wschat_publish_duration_seconds"}
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[str, Any]:
+    """GET /metrics parsed with prometheus_client's own parser: {family name: family}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, text = http("GET", url + "/metrics", headers=headers)
+    assert status == 200, text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample(families: dict[str, Any], name: str, **labels: str) -> float:
+    """The value of one sample (e.g. ``wschat_disconnects_total`` with code="1000"), summed over the rest."""
+    family = families[name.removesuffix("_total").removesuffix("_count")]
+    return sum(s.value for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_scrape_has_every_metric_of_the_spec_without_room_or_client_labels(serve):
+    """GET /metrics: Prometheus text that prometheus_client parses, with every metric of SPEC 13 counting what
+    happened (accepted, received, delivered, rate limited, resumes, disconnects by code, slow drops, broker up,
+    publish durations), and no label carries a room or a client id."""
+    server = serve("--rate", "100", "--send-queue", "8")
+
+    async def body() -> None:
+        alice, welcome = await join(room_url(server, "m", "alice"))
+        bob = Collector((await join(room_url(server, "m", "bob")))[0])
+        for i in range(260):                                    # burst 200: some are rate limited
+            await alice.send(f"m{i}")
+        await wait_for_condition(lambda: len(bob.texts()) >= 200 and sample(
+            scrape(server.url), "wschat_rate_limited_total") >= 1)
+        await alice.close()
+        newest = max(f["id"] for f in bob.frames if isinstance(f, dict) and f.get("type") == "message")
+        resumed, _ = await join(room_url(server, "m", "alice", since=newest, epoch=welcome["epoch"]))
+        stale, _ = await join(room_url(server, "m", "carol", since=0, epoch="another"))
+        for ws in (resumed, stale):    # they would not read what follows either
+            await ws.close()
+        stalled = raw_websocket(server.port, "/rooms/m/ws?client_id=stalled")
+        await asyncio.to_thread(fill_room, server, "m", 100, 60_000)   # 6 MB: more than the kernel takes
+        await wait_for_condition(lambda: http("GET", server.url + "/stats")[1]["slow_clients_dropped"] == 1, 15)
+        stalled.close()
+        await bob.stop()
+        await bob.ws.close()
+
+    run(body(), 60)
+    families = scrape(server.url)
+    assert SPEC_METRICS <= set(families), set(families)
+    assert sample(families, "wschat_connections_accepted_total") >= 5
+    assert sample(families, "wschat_messages_received_total") >= 260
+    assert sample(families, "wschat_messages_delivered_total") >= 400
+    assert sample(families, "wschat_rate_limited_total") >= 1
+    assert sample(families, "wschat_resumes_total", recovered="true") == 1
+    assert sample(families, "wschat_resumes_total", recovered="false") == 1
+    assert sample(families, "wschat_disconnects_total", code="1000") >= 1
+    assert sample(families, "wschat_slow_clients_dropped_total") == 1
+    assert sample(families, "wschat_broker_up") == 1
+    assert sample(families, "wschat_publish_duration_seconds_count") >= 200 + 100
+    assert sample(families, "wschat_connections") == 0
+    labels = {key for family in families.values() for s in family.samples for key in s.labels}
+    assert labels <= {"code", "recovered", "le"}, labels
+
+
+def test_metrics_are_guarded_like_stats_and_each_app_has_its_own():
+    """/metrics needs what /stats needs (a token; authorize "stats"); two apps in one process count apart."""
+    with TestClient(create_app(tokens=["tok"])) as tc:
+        assert tc.get("/metrics").status_code == 401
+        assert tc.get("/metrics", headers={"Authorization": "Bearer tok"}).status_code == 200
+    with TestClient(create_app(identify=header_identity, authorize=lambda who, action, room:
+                               action != "stats" or who == "root")) as tc:
+        assert tc.get("/metrics", **as_user("alice")).status_code == 403
+        assert tc.get("/metrics", **as_user("root")).status_code == 200
+    one, two = create_app(), create_app()
+    with TestClient(one) as first, TestClient(two) as second:
+        post(first, "r", "counted once")
+        count = lambda tc: [line for line in tc.get("/metrics").text.splitlines()   # noqa: E731
+                            if line.startswith("wschat_messages_delivered_total")]
+        assert count(second) == ["wschat_messages_delivered_total 0.0"]
+        assert count(first) == ["wschat_messages_delivered_total 0.0"]   # nobody was in the room
+        with first.websocket_connect("/rooms/r/ws?client_id=a") as ws:
+            next_frame(ws, "welcome")
+            post(first, "r", "delivered")
+            next_frame(ws, "message")
+        assert count(first) != count(second)
+
+
+def test_metrics_without_prometheus_client_answer_404_and_say_once_how_to_enable_them(serve):
+    """Without the metrics extra, /metrics answers 404 with the fix, and the log says it once."""
+    blocked = "import sys; sys.modules['prometheus_client'] = None; import wschat; wschat.main()"
+    server = serve(command=[sys.executable, "-c", blocked, "serve"])
+    for _ in range(3):
+        status, body = http("GET", server.url + "/metrics")
+        assert status == 404 and "wschat[metrics]" in body["detail"]
+    assert server.log.count("pip install 'wschat[metrics]'") == 1, server.log
+
+
+def test_metrics_with_several_workers_cover_every_worker(serve, redis_server):
+    """serve --workers 2: the figures of /metrics are the sum over the workers (multiprocess mode)."""
+    server = serve("--broker", redis_server.url, "--workers", "2")
+    wait_health(server)
+
+    async def body() -> None:
+        clients = [await _join_retrying(room_url(server, "w", f"c{i}")) for i in range(8)]
+        pids = {http("GET", server.url + "/stats")[1]["connections"] for _ in range(10)}
+        assert any(count < 8 for count in pids)          # /stats is one worker's view ...
+        families = scrape(server.url)                     # ... /metrics is all of them
+        assert sample(families, "wschat_connections") == 8
+        assert sample(families, "wschat_connections_accepted_total") >= 8
+        for ws, _ in clients:
+            await ws.close()
+
+    run(body(), 60)
+
+
+# ---------------------------------------------------------------------------
+# Clients: wschat.connect and the terminal chat (SPEC section 14)
+# ---------------------------------------------------------------------------
+
+def test_client_yields_every_message_once_across_a_restart_and_resumes(serve, tmp_path):
+    """wschat.connect: the replayed history once, live messages, then a server restart (same SQLite file):
+    it reconnects by itself, resumes with since/epoch and yields the missed messages once, nothing twice."""
+    path = tmp_path / "chat.db"
+    server = serve("--broker", sqlite_url(path), "--rate", "0")
+    for i in range(3):
+        http("POST", server.url + "/rooms/bots/messages", {"text": f"old {i}"})
+    events: list[tuple[str, str]] = []
+
+    async def body() -> None:
+        nonlocal server
+        async with wschat.connect(server.ws_url + "/", room="bots", client_id="bot",
+                                  on_status=lambda event, detail: events.append((event, detail))) as chat:
+            seen: list[str] = []
+
+            async def collect(count: int) -> None:
+                async for frame in chat:
+                    if frame["type"] == "message":
+                        seen.append(frame["text"])
+                        if len(seen) == count:
+                            return
+
+            await chat.send("live 0")
+            await asyncio.wait_for(collect(4), 10)
+            server.stop(signal.SIGTERM)
+            server = serve("--broker", sqlite_url(path), "--rate", "0", port=server.port)
+            for i in range(3):
+                http("POST", server.url + "/rooms/bots/messages", {"text": f"missed {i}"})
+            await wait_for_condition(lambda: any(event == "resumed" for event, _ in events), 20)
+            await chat.send("live 1")
+            await asyncio.wait_for(collect(8), 10)
+            assert seen == ["old 0", "old 1", "old 2", "live 0", "missed 0", "missed 1", "missed 2", "live 1"]
+            assert [m["text"] for m in await chat.history(limit=2)] == ["missed 2", "live 1"]
+            assert await chat.members() == ["bot"]
+            assert chat.client_id == "bot" and chat.last_id == 8
+
+    run(body(), 60)
+    assert [event for event, _ in events] == ["reconnecting", "resumed"] or \
+        [event for event, _ in events if event != "reconnecting"] == ["resumed"], events
+
+
+def test_client_pings_inside_the_timeout_ends_when_kicked_and_refused_says_so(serve, tmp_path):
+    """The client stays connected past --timeout by pinging; a refused connection raises ConnectionError; a
+    kick (4003) ends the iteration with the code and does not reconnect."""
+    server = serve("--timeout", "1", "--token", TOKEN)
+
+    async def body() -> None:
+        with pytest.raises(ConnectionError):
+            async with wschat.connect(server.ws_url, room="r", client_id="nobody"):
+                pass
+        async with wschat.connect(server.ws_url, room="r", client_id="idle", token=TOKEN) as chat:
+            await asyncio.sleep(2.5)       # proving a negative: idle past the timeout, still connected
+            await chat.send("still here")
+
+            async def next_message() -> dict:
+                async for frame in chat:
+                    if frame["type"] == "message":
+                        return frame
+                raise AssertionError("the iteration ended")
+            assert (await asyncio.wait_for(next_message(), 5))["text"] == "still here"
+
+    run(body(), 30)
+
+    async def kicked() -> None:   # a kick, on a server whose host code can reach chat.kick
+        (tmp_path / "kicker.py").write_text(KICK_APP)
+        env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}", "REDIS_URL": "memory://"}
+        host = serve(command=[sys.executable, "-m", "uvicorn", "kicker:app"], cwd=tmp_path, env=env)
+        async with wschat.connect(host.ws_url, room="r", token="bob") as chat:
+            assert (await ahttp("POST", host.url + "/kick/bob")) == (200, {"closed": 1})
+            remaining = [frame async for frame in chat]
+            assert all(f["type"] != "message" for f in remaining)
+            assert (chat.close_code, chat.close_reason) == (4003, "removed")
+
+    run(kicked(), 30)
+
+
+def open_terminal_chat(url: str, *args: str) -> tuple[subprocess.Popen, int]:
+    """``python wschat.py chat URL ARGS`` on a real pseudo-terminal: (process, the terminal's master fd)."""
+    import pty
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(HERE / "wschat.py"), "chat", url, *args], stdin=slave,
+                               stdout=slave, stderr=slave, close_fds=True, start_new_session=True)
+    os.close(slave)
+    return process, master
+
+
+class Terminal:
+    """What the terminal chat prints, read from its pty as it comes."""
+
+    def __init__(self, master: int) -> None:
+        self.master, self.output = master, ""
+
+    def type(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+    def wait_for(self, pattern: str, timeout: float = 15) -> str:
+        import select
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.output):
+            left = deadline - time.monotonic()
+            assert left > 0, f"{pattern!r} not printed; the terminal shows:\n{self.output}"
+            if select.select([self.master], [], [], min(left, 0.2))[0]:
+                with contextlib.suppress(OSError):
+                    self.output += os.read(self.master, 65536).decode(errors="replace")
+        return self.output
+
+
+def test_terminal_chat_sends_lines_prints_messages_and_presence_and_resumes_after_a_restart(serve, tmp_path):
+    """wschat chat on a real pseudo-terminal: typed lines are sent, messages print as [HH:MM] name: text,
+    presence as "* name joined/left", /msg sends a direct message; across a server restart it says it is
+    reconnecting, resumes, and shows what was missed; /quit leaves with status 0."""
+    path = tmp_path / "chat.db"
+    server = serve("--broker", sqlite_url(path), "--rate", "0")
+    process, master = open_terminal_chat(server.ws_url + "/", "--room", "term", "--name", "tess")
+    terminal = Terminal(master)
+    try:
+        terminal.wait_for(r"\* connected to term as tess")
+        terminal.type("hello from the terminal")
+        terminal.wait_for(r"\[\d\d:\d\d\] tess: hello from the terminal")
+
+        async def bob_visits() -> None:
+            bob, _ = await join(room_url(server, "term", "bob"))
+            terminal_sees = asyncio.to_thread(terminal.wait_for, r"\* bob joined")
+            await terminal_sees
+            await bob.send("hi tess")
+            await asyncio.to_thread(terminal.wait_for, r"\[\d\d:\d\d\] bob: hi tess")
+            terminal.type("/msg bob just for you")
+            direct = await bob.recv_until(lambda f: f.get("type") == "message" and f.get("to") == "bob")
+            assert direct["text"] == "just for you"
+            await bob.close()
+            await asyncio.to_thread(terminal.wait_for, r"\* bob left")
+
+        run(bob_visits(), 30)
+        server.stop(signal.SIGTERM)
+        terminal.wait_for(r"\* connection lost")
+        server = serve("--broker", sqlite_url(path), "--rate", "0", port=server.port)
+        http("POST", server.url + "/rooms/term/messages", {"text": "while you were away", "from": "ops"})
+        terminal.wait_for(r"\* reconnected, nothing missed")
+        terminal.wait_for(r"\[\d\d:\d\d\] ops: while you were away")
+        terminal.type("/quit")
+        assert process.wait(10) == 0
+        assert terminal.output.count("while you were away") == 1 and "Traceback" not in terminal.output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        os.close(master)
+
+
+# ---------------------------------------------------------------------------
 # Security and limits: helpers
 # ---------------------------------------------------------------------------
 
@@ -5032,6 +5303,33 @@ def test_page_load_older_pages_back_through_the_kept_history(serve, browser, tmp
         expect(items).to_have_count(8, timeout=WAIT)
         expect(items).to_contain_text([f"note {i}" for i in range(1, 9)])
         expect(older).to_be_hidden()
+    finally:
+        context.close()
+
+
+def test_page_stats_view_shows_the_server_live_and_is_screenshotted(serve, browser):
+    """The page's Stats view polls /stats: connections, rooms, received and delivered per second, slow clients
+    dropped and the broker; drawn without any library; a screenshot goes to test-artifacts/."""
+    server = serve("--rate", "0")
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = open_chat(context, server.url + "/", room="ops", name="operator")
+        expect(page.get_by_role("status")).to_have_text("Connected to ops as operator", timeout=WAIT)
+        page.get_by_role("button", name="Stats").click()
+        stats = page.get_by_role("region", name="Stats")
+        expect(stats).to_be_visible()
+        expect(page.locator("#stat-connections")).to_have_text("1", timeout=WAIT)
+        expect(page.locator("#stat-rooms")).to_have_text("1")
+        expect(page.locator("#stat-broker")).to_have_text("ok")
+        post_as(server.ws_url, "ops", "bot", *[f"metric {n}" for n in range(40)])
+        expect(page.locator("#stat-out")).not_to_have_text(re.compile(r"^(-|0\.0)$"), timeout=WAIT)
+        assert page.locator("#stat-line").get_attribute("points")
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / "page-stats-1280x800.png"
+        page.screenshot(path=str(path))
+        assert path.stat().st_size > 1000
+        page.get_by_role("button", name="Stats").click()
+        expect(stats).to_be_hidden()
     finally:
         context.close()
 

@@ -48,13 +48,15 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
+import urllib.request
 import weakref
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
 
 try:
     import fcntl
@@ -75,7 +77,13 @@ __all__ = [
     "MemoryBroker",
     "RedisBroker",
     "Settings",
+    "SQLiteBroker",
+    "ChatClient",
+    "Draft",
+    "Hooks",
+    "Reject",
     "coalescing_websocket_protocol",
+    "connect",
     "create_app",
     "main",
 ]
@@ -564,6 +572,72 @@ class RateLimiter:
         return 0.0 if bucket.take(now) else bucket.wait()
 
 
+class Metrics:
+    """The Prometheus metrics of SPEC section 13 for one app, on ``prometheus_client`` (the
+    extra ``wschat[metrics]``). No label carries a room or a client id; close codes are
+    grouped so that a client cannot make up new series (``_code_label``).
+
+    Each is updated where the event happens, never per recipient of a fan-out. In one
+    process each app has a registry of its own; under ``serve --workers N`` they are
+    prometheus_client's multiprocess metrics (``PROMETHEUS_MULTIPROC_DIR``, which ``serve``
+    sets), so any worker's ``/metrics`` covers every worker.
+    """
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self) -> None:
+        import prometheus_client as prometheus
+        self._prometheus = prometheus
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = prometheus.CollectorRegistry()
+        where = {"registry": None if self.multiprocess else self.registry}
+        gauge, counter = prometheus.Gauge, prometheus.Counter
+        self.connections = gauge("wschat_connections", "WebSocket connections open now",
+                                 multiprocess_mode="livesum", **where)
+        self.accepted = counter("wschat_connections_accepted", "WebSocket connections accepted", **where)
+        self.received = counter("wschat_messages_received", "Text frames received from clients", **where)
+        self.delivered = counter("wschat_messages_delivered", "Frames handed to clients' sockets", **where)
+        self.slow_dropped = counter("wschat_slow_clients_dropped", "Clients closed with 1013 for not keeping up",
+                                    **where)
+        self.disconnects = counter("wschat_disconnects", "Connections ended, by close code", ["code"], **where)
+        self.rate_limited = counter("wschat_rate_limited", "Messages, pings and POSTs refused over --rate", **where)
+        self.resumes = counter("wschat_resumes", "Reconnections with since, by whether the whole gap was recovered",
+                               ["recovered"], **where)
+        self.broker_up = gauge("wschat_broker_up", "1 while the broker answers, else 0", multiprocess_mode="livemin",
+                               **where)
+        self.publish_duration = prometheus.Histogram(
+            "wschat_publish_duration_seconds", "From a message's acceptance to its hand-over to every local socket",
+            buckets=self.BUCKETS, **where)
+
+    @classmethod
+    def create(cls) -> Metrics | None:
+        """The metrics, or None without prometheus_client (``/metrics`` then answers 404)."""
+        try:
+            return cls()
+        except ImportError:
+            return None
+
+    def render(self, broker_up: bool) -> tuple[bytes, str]:
+        """The scrape: Prometheus text format, and its content type."""
+        self.broker_up.set(1 if broker_up else 0)
+        registry = self.registry
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+            registry = self._prometheus.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return self._prometheus.generate_latest(registry), self._prometheus.CONTENT_TYPE_LATEST
+
+
+def _code_label(code: int | None) -> str:
+    """A close code as a metric label: the standard ones as they are, application codes by
+    range, anything else (or no close frame at all) as 1006."""
+    if code is None or not 1000 <= code <= 4999:
+        return "1006"
+    if code < 1016:
+        return str(code)
+    return f"{code // 1000}xxx"
+
+
 class ConnectionState(enum.Enum):
     """Where a Connection is in its life; the ConnectionManager makes every transition."""
 
@@ -675,7 +749,10 @@ class Connection:
         paid before this client is read again, so a ping flood only ever slows itself."""
         if not self.bucket.rate:
             return 0.0
-        return self.bucket.take_or_owe(self._loop.time())
+        wait = self.bucket.take_or_owe(self._loop.time())
+        if wait:
+            self._manager.count_rate_limited()
+        return wait
 
     def overflowed(self) -> None:
         self._manager._overflowed(self)
@@ -920,6 +997,7 @@ class ConnectionManager:
         self._connections: dict[ChatSocket, Connection] = {}   # every connection not yet ENDED
         self._rooms: dict[str, Room] = {}
         self._notifications: set[asyncio.Task] = set()          # async notification hooks running
+        self.metrics = Metrics.create()
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self.messages_in = 0
@@ -999,6 +1077,9 @@ class ConnectionManager:
         conn = Connection(self, websocket, client_id=client_id or self.new_guest_id(), room=room,
                           view=view, credential=credential, identity=identity)
         self._connections[websocket] = conn
+        if self.metrics is not None:
+            self.metrics.accepted.inc()
+            self.metrics.connections.inc()
         self._watch_idle(conn)
         if room is not None:
             try:
@@ -1031,10 +1112,14 @@ class ConnectionManager:
         if conn is not None:
             self.close(conn, WS_1000_NORMAL_CLOSURE, "disconnected by the server")
 
-    def release(self, conn: Connection) -> None:
-        """The socket has ended (-> ENDED): forget the connection, leave its room, stop its timers."""
+    def release(self, conn: Connection, code: int | None = None) -> None:
+        """The socket has ended (-> ENDED, with close ``code`` when one was seen): forget the
+        connection, leave its room, stop its timers."""
         if conn.state is ConnectionState.ENDED:
             return
+        if self.metrics is not None:
+            self.metrics.connections.dec()
+            self.metrics.disconnects.labels(code=_code_label(code)).inc()
         self._connections.pop(conn.socket, None)
         self._leave(conn)
         conn._end()
@@ -1059,18 +1144,21 @@ class ConnectionManager:
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
-                self.release(conn)
+                self.release(conn, message.get("code"))
                 return
             if conn.state is ConnectionState.CLOSING:
                 continue
             now = conn.last_seen = self.loop.time()
             self.messages_in += 1
+            if self.metrics is not None:
+                self.metrics.received.inc()
             text = message.get("text")
             if text is None:
                 self.close(conn, WS_1003_UNSUPPORTED_DATA, "binary frames are not supported", drop_queue=True)
             elif len(text) > limit // 4 and utf8_length(text) > limit:
                 self.close(conn, WS_1009_MESSAGE_TOO_BIG, f"message larger than {limit} bytes", drop_queue=True)
             elif rate and not conn.bucket.take(now):
+                self.count_rate_limited()
                 conn.send_error(f"rate limit exceeded: at most {rate:g} messages per second; not delivered")
             else:
                 yield text
@@ -1099,8 +1187,20 @@ class ConnectionManager:
         if conn.state is not ConnectionState.OPEN:
             return
         self.slow_clients_dropped += 1
+        if self.metrics is not None:
+            self.metrics.slow_dropped.inc()
         logger.info("dropping slow client %r: %d frames queued", conn.client_id, conn.pending)
         self.close(conn, WS_1013_TRY_AGAIN_LATER, "too slow: send queue full", drop_queue=True)
+
+    def _count_delivered(self, count: int) -> None:
+        self.messages_out += count
+        if self.metrics is not None:
+            self.metrics.delivered.inc(count)
+
+    def count_rate_limited(self) -> None:
+        """A message, ping or POST refused for going over ``rate``."""
+        if self.metrics is not None:
+            self.metrics.rate_limited.inc()
 
     def _send_failed(self, conn: Connection, exc: Exception) -> None:
         logger.debug("send to %r failed: %s", conn, exc.__class__.__name__)
@@ -1142,6 +1242,8 @@ class ConnectionManager:
                    "count": count, "last_id": last_id, "epoch": current_epoch, "timeout": self.settings.timeout}
         if recovered is not None:
             welcome["recovered"] = recovered
+            if self.metrics is not None:
+                self.metrics.resumes.labels(recovered="true" if recovered else "false").inc()
         conn.push(encode(welcome))
         for _, frame in replay:
             conn.push(frame)
@@ -1195,7 +1297,9 @@ class ConnectionManager:
         delivered = room.fan_out(text_message(frame), message_id)
         if room.text_view:
             delivered += self._deliver_text(room, message)
-        self.messages_out += delivered
+        self._count_delivered(delivered)
+        if self.metrics is not None:
+            self.metrics.publish_duration.observe(max(0.0, time.time() - message["ts"]))
 
     def _deliver_text(self, room: Room, message: dict) -> int:
         sender, text = message["from"], message["text"]
@@ -1224,7 +1328,7 @@ class ConnectionManager:
                                   else f"Client #{sender} says to you: {text}")
                     else:
                         room.send_to(conn, shared)
-                    self.messages_out += 1
+                    self._count_delivered(1)
 
     def presence_changed(self, room_name: str, client_id: str, joined: bool) -> None:
         """A client id joined or left a room anywhere: tell the text view now, the JSON view coalesced."""
@@ -1269,7 +1373,7 @@ class ConnectionManager:
         """A retained message was deleted: room-protocol members are told to drop it."""
         room = self._rooms.get(room_name)
         if room is not None:
-            self.messages_out += room.fan_out(text_message(deleted_frame(room_name, message_id)))
+            self._count_delivered(room.fan_out(text_message(deleted_frame(room_name, message_id))))
 
     # -- hooks -----------------------------------------------------------------
 
@@ -1450,7 +1554,7 @@ class ConnectionManager:
             reached += found.fan_out(shared) + len(found.text_view)
             for conn in tuple(found.text_view):
                 conn.push_message(shared)
-        self.messages_out += reached
+        self._count_delivered(reached)
         return reached
 
     async def kick(self, client_id: str, *, room: str | None = None, code: int = 4003, reason: str = "removed") -> int:
@@ -2914,6 +3018,7 @@ def create_app(*, host: str = Settings.host, port: int = Settings.port, timeout:
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.chat = chat
     app.state.gatekeeper = gate
+    app.state.metrics_explained = False
     app.add_middleware(_WebSocketRouter, routes=_websocket_routes(chat, gate, groups),
                        max_body=config.max_message_size + BODY_OVERHEAD)
     if config.allowed_hosts:
@@ -2968,6 +3073,20 @@ def _add_http_routes(app: FastAPI, chat: ConnectionManager, gate: Gatekeeper) ->
         await chat.start()
         return chat.stats()
 
+    @app.get("/metrics")
+    async def metrics(admission: Admission = Depends(access)) -> Response:
+        if not await chat.allowed(admission.identity, "stats", None):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "not allowed to read stats")
+        if chat.metrics is None:
+            if not app.state.metrics_explained:   # once per app, not per scrape
+                app.state.metrics_explained = True
+                logger.warning("/metrics needs prometheus_client: pip install 'wschat[metrics]'")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "metrics need prometheus_client: "
+                                                           "pip install 'wschat[metrics]'")
+        await chat.start()
+        body, content_type = chat.metrics.render(chat.health()[0])
+        return Response(body, media_type=content_type)
+
     @app.get("/rooms")
     async def rooms(admission: Admission = Depends(access)) -> dict:
         counts = await _broker_call(chat.rooms())
@@ -3021,6 +3140,7 @@ def _check_post_rate(chat: ConnectionManager, request: Request, admission: Admis
     key = admission.identity or (request.client.host if request.client else "")
     wait = chat.post_limiter.retry_after(key, time.monotonic())
     if wait:
+        chat.count_rate_limited()
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
                             f"rate limit exceeded: at most {chat.settings.rate:g} messages per second; not stored",
                             headers={"Retry-After": str(math.ceil(wait))})
@@ -3729,6 +3849,282 @@ def _module_name() -> str:
 
 
 # ---------------------------------------------------------------------------
+# Clients: wschat.connect for bots and scripts, and the terminal chat
+# ---------------------------------------------------------------------------
+
+_END = object()   # ends a ChatClient's iteration
+
+
+class ChatClient:
+    """One room of a wschat server, for bots and scripts: what ``wschat.connect`` returns.
+
+    ``async for message in chat`` yields the room's frames as dicts (messages, direct
+    messages, presence, deleted), each exactly once, across reconnects too: the replayed
+    history of the first connection is yielded once, and after a reconnect the client
+    resumes with ``since``/``epoch``, so it gets what it missed and nothing twice (a new
+    epoch, a restarted sequence, is a new history). It pings inside the timeout the server
+    announces, and reconnects with backoff (0.5 s doubling to 15 s, with jitter) until it
+    is closed, or the server refuses it or removes it (1008, 4000-4999): then the
+    iteration ends and ``close_code``/``close_reason`` say why. Error frames (a refused or
+    rate-limited message) go to ``on_status("error", reason)`` and the log.
+
+    Needs the ``websockets`` package (the extra ``wschat[client]``; uvicorn[standard] has it).
+    """
+
+    def __init__(self, url: str, *, room: str | None = None, client_id: str | None = None,
+                 token: str | None = None, on_status: Callable[[str, str], Any] | None = None,
+                 queue_size: int = 1024) -> None:
+        self.base, self.room = _client_base(url, room)
+        _check_room(self.room)
+        self.client_id = client_id
+        self.token = token
+        self.epoch: str | None = None
+        self.last_id = 0               # the newest message id yielded in this epoch
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._on_status = on_status
+        self._queue: asyncio.Queue = asyncio.Queue(queue_size)
+        self._socket: Any = None
+        self._connected = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self._closing = False
+
+    # -- use ------------------------------------------------------------------
+
+    async def __aenter__(self) -> ChatClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def __aiter__(self) -> ChatClient:
+        return self
+
+    async def __anext__(self) -> dict:
+        message = await self._queue.get()
+        if message is _END:
+            self._queue.put_nowait(_END)   # every later call ends too
+            raise StopAsyncIteration
+        return message
+
+    async def open(self) -> None:
+        """Connect and read the welcome; ConnectionError when the server refuses."""
+        welcome = await self._connect()
+        self._runner = asyncio.ensure_future(self._run(welcome))
+
+    async def send(self, text: str, to: str | None = None) -> None:
+        """Send a message (to one member with ``to``); waits while reconnecting. ConnectionError
+        when the connection ends under it: the message may not have been delivered."""
+        command: dict[str, Any] = {"type": "message", "text": text}
+        if to is not None:
+            command["to"] = to
+        await asyncio.wait_for(self._connected.wait(), 30)
+        try:
+            await self._socket.send(encode(command))
+        except Exception as exc:
+            raise ConnectionError(f"not sent, the connection closed: {exc}") from None
+
+    async def history(self, limit: int | None = None) -> list[dict]:
+        """The room's latest ``limit`` retained messages (default: what the server replays), oldest first."""
+        query = f"?before={2 ** 53}&limit={limit}" if limit else ""
+        return (await self._get(f"rooms/{self.room}/messages{query}"))["messages"]
+
+    async def members(self) -> list[str]:
+        return (await self._get(f"rooms/{self.room}/members"))["members"]
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                await self._socket.close()
+        self._end()
+
+    # -- the connection ---------------------------------------------------------
+
+    async def _connect(self) -> dict:
+        from websockets.asyncio.client import connect as ws_connect
+        from websockets.exceptions import InvalidStatus
+
+        query = {"client_id": self.client_id, "token": self.token}
+        if self.epoch is not None:
+            query.update(since=str(self.last_id), epoch=self.epoch)
+        url = self.base.replace("http", "ws", 1) + f"rooms/{self.room}/ws?" + "&".join(
+            f"{key}={quote(value, safe='')}" for key, value in query.items() if value is not None)
+        try:
+            self._socket = await ws_connect(url, open_timeout=10, close_timeout=5, max_queue=64)
+        except InvalidStatus as exc:
+            raise ConnectionError(f"refused by the server: HTTP {exc.response.status_code}") from None
+        welcome = json.loads(await asyncio.wait_for(self._socket.recv(), 10))
+        if welcome.get("type") != "welcome":
+            raise ConnectionError(f"no welcome from the server: {welcome}")
+        self.client_id = welcome["client_id"]
+        if welcome["epoch"] != self.epoch:
+            self.epoch, self.last_id = welcome["epoch"], 0   # a new sequence: all of it is new
+        self._connected.set()
+        return welcome
+
+    async def _run(self, welcome: dict) -> None:
+        attempt = 0
+        while True:
+            pinger = asyncio.ensure_future(self._ping(welcome["timeout"]))
+            try:
+                await self._read()
+            except Exception:
+                pass
+            finally:
+                pinger.cancel()
+                self._connected.clear()
+            socket_, self._socket = self._socket, None
+            self.close_code, self.close_reason = socket_.close_code, socket_.close_reason or ""
+            if self._closing or self.close_code == WS_1008_POLICY_VIOLATION or 4000 <= (self.close_code or 0) <= 4999:
+                self._status("closed", f"closed by the server: {self.close_code} {self.close_reason}".strip())
+                return self._end()
+            self._status("reconnecting", f"connection lost ({self.close_code} {self.close_reason})".strip())
+            while True:
+                await asyncio.sleep(min(15.0, 0.5 * 2 ** attempt) * (0.5 + secrets.randbelow(1000) / 2000))
+                attempt += 1
+                try:
+                    welcome = await self._connect()
+                    break
+                except Exception as exc:   # refused, unreachable, a half-open socket: try again later
+                    self._status("reconnecting", f"still away: {exc}")
+            attempt = 0
+            recovered = welcome.get("recovered")
+            self._status("resumed" if recovered else "gap",
+                         "reconnected, nothing missed" if recovered else "reconnected; some messages may be missing")
+
+    async def _read(self) -> None:
+        async for raw in self._socket:
+            frame = json.loads(raw)
+            kind = frame.get("type")
+            if kind == "error":
+                logger.warning("wschat server: %s", frame.get("error"))
+                self._status("error", frame.get("error", ""))
+                continue
+            if kind not in ("message", "presence", "deleted"):
+                continue   # pong
+            if kind == "message" and "id" in frame:
+                if frame["id"] <= self.last_id:
+                    continue   # replayed again after a resume: already yielded
+                self.last_id = frame["id"]
+            await self._queue.put(frame)
+
+    async def _ping(self, timeout: float) -> None:
+        every = max(1.0, min(25.0, timeout / 3)) if timeout else 25.0
+        with contextlib.suppress(Exception):
+            while True:
+                await asyncio.sleep(every)
+                await self._socket.send(PING_COMMAND)
+
+    async def _get(self, path: str) -> Any:
+        request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {self.token}"}
+                                         if self.token else {})
+
+        def fetch() -> Any:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        return await asyncio.to_thread(fetch)
+
+    def _status(self, event: str, detail: str) -> None:
+        if self._on_status is not None:
+            self._on_status(event, detail)
+
+    def _end(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(_END)
+
+
+PING_COMMAND = '{"type":"ping"}'
+
+
+def connect(url: str, *, room: str | None = None, client_id: str | None = None, token: str | None = None,
+            on_status: Callable[[str, str], Any] | None = None) -> ChatClient:
+    """A ``ChatClient`` for one room: ``async with wschat.connect("ws://host:8000/", room="general",
+    client_id="bot") as chat:``, then ``await chat.send(text)`` and ``async for message in chat:``.
+
+    ``url`` is the server's root (any mount prefix included) or a room route
+    (``ws://host/rooms/general/ws``); ``room`` defaults to that route's room, else ``lobby``."""
+    return ChatClient(url, room=room, client_id=client_id, token=token, on_status=on_status)
+
+
+def _client_base(url: str, room: str | None) -> tuple[str, str]:
+    """(the server's HTTP base URL ending in /, the room) from a ws:// or http:// URL."""
+    parts = urlsplit(url)
+    _require(parts.scheme in ("ws", "wss", "http", "https") and bool(parts.netloc), "url", url,
+             "ws://host:port/ (or wss://, http://, https://), with any mount prefix")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path or "/"
+    found = re.fullmatch(r"(.*/)rooms/([^/]+)/ws", path)
+    if found:
+        path, room = found.group(1), room or found.group(2)
+    if not path.endswith("/"):
+        path += "/"
+    return f"{scheme}://{parts.netloc}{path}", room or LOBBY
+
+
+async def _terminal_chat(url: str, room: str | None, name: str | None, token: str | None) -> int:
+    """``wschat chat``: each line typed is sent, each message printed; 0 on /quit or end of input."""
+    def say(line: str) -> None:
+        click.echo(line)
+
+    def status(event: str, detail: str) -> None:
+        say(f"! {detail}" if event == "error" else f"* {detail}")
+
+    chat = connect(url, room=room, client_id=name, token=token, on_status=status)
+    try:
+        await chat.open()
+    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        say(f"* cannot connect to {chat.base}: {exc}")
+        return 1
+    say(f"* connected to {chat.room} as {chat.client_id} (/msg NAME TEXT for a direct message, /quit to leave)")
+    lines: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def read_stdin() -> None:   # a thread: input() blocks, and the terminal is ours
+        for line in iter(sys.stdin.readline, ""):
+            loop.call_soon_threadsafe(lines.put_nowait, line.rstrip("\r\n"))
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=read_stdin, daemon=True, name="wschat chat input").start()
+    printer = asyncio.ensure_future(_print_messages(chat, say))
+    try:
+        while (line := await lines.get()) is not None and line != "/quit":
+            direct = re.fullmatch(r"/msg\s+(\S+)\s+(.+)", line)
+            if not line.strip():
+                continue
+            try:
+                await (chat.send(direct.group(2), to=direct.group(1)) if direct else chat.send(line))
+            except (ConnectionError, asyncio.TimeoutError) as exc:
+                say(f"! {exc}")
+            if printer.done():
+                break
+    finally:
+        printer.cancel()
+        await chat.close()
+    return 0
+
+
+async def _print_messages(chat: ChatClient, say: Callable[[str], None]) -> None:
+    async for frame in chat:
+        if frame["type"] == "message":
+            when = time.strftime("%H:%M", time.localtime(frame["ts"]))
+            who = f"{frame['from']} -> {frame['to']}" if frame.get("to") else frame["from"]
+            say(f"[{when}] {who}: {frame['text']}")
+        elif frame["type"] == "presence":
+            for client_id in frame["joined"]:
+                say(f"* {client_id} joined")
+            for client_id in frame["left"]:
+                say(f"* {client_id} left")
+        elif frame["type"] == "deleted":
+            say(f"* message {frame['id']} was deleted")
+
+
+# ---------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------
 
@@ -3744,6 +4140,15 @@ PAGE = """<!doctype html>
   * { box-sizing: border-box; }
   body { margin: 0; font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
          display: flex; flex-direction: column; height: 100vh; height: 100dvh; }
+  #stats-toggle { margin-left: auto; padding: .2rem .7rem; font-size: .85rem; }
+  #stats { padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
+  #stats dl { display: flex; flex-wrap: wrap; gap: .4rem 1.6rem; margin: 0; }
+  #stats dt { font-size: .8rem; color: var(--muted); }
+  #stats dd { margin: 0; font-size: 1.25rem; font-variant-numeric: tabular-nums; }
+  #stats dd[data-state="down"] { color: #b91c1c; }
+  #stat-chart { display: block; width: 100%; max-width: 40rem; height: 3rem; margin-top: .4rem; }
+  #stat-line { fill: none; stroke: var(--accent); stroke-width: 1; vector-effect: non-scaling-stroke; }
+  #stat-note { margin: .2rem 0 0; color: var(--muted); font-size: .8rem; }
   header { display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; padding: .6rem 1rem;
            border-bottom: 1px solid var(--line); }
   h1 { font-size: 1.2rem; margin: 0; }
@@ -3792,7 +4197,21 @@ PAGE = """<!doctype html>
 <header>
   <h1>wschat</h1>
   <p id="status" role="status" aria-live="polite" data-state="closed">Disconnected</p>
+  <button id="stats-toggle" type="button" class="secondary" aria-expanded="false" aria-controls="stats">Stats</button>
 </header>
+<section id="stats" aria-label="Stats" hidden>
+  <dl>
+    <div><dt>Connections</dt><dd id="stat-connections">-</dd></div>
+    <div><dt>Rooms</dt><dd id="stat-rooms">-</dd></div>
+    <div><dt>Received/s</dt><dd id="stat-in">-</dd></div>
+    <div><dt>Delivered/s</dt><dd id="stat-out">-</dd></div>
+    <div><dt>Slow clients dropped</dt><dd id="stat-dropped">-</dd></div>
+    <div><dt>Broker</dt><dd id="stat-broker">-</dd></div>
+  </dl>
+  <svg id="stat-chart" viewBox="0 0 120 30" preserveAspectRatio="none" role="img"
+       aria-label="Delivered per second, last two minutes"><polyline id="stat-line" points=""></polyline></svg>
+  <p id="stat-note"></p>
+</section>
 <form id="settings" autocomplete="off">
   <div class="field"><label for="mode">Mode</label>
     <select id="mode"><option value="room">room</option><option value="lobby">lobby</option>
@@ -3988,6 +4407,45 @@ PAGE = """<!doctype html>
     }
   }
 
+  var statsTimer = null, lastStats = null, rates = [];
+  function pollStats() {             // GET stats every 2 s while the panel is open
+    var token = $("token").value;
+    fetch(appBase() + "stats", {headers: token ? {"Authorization": "Bearer " + token} : {}, credentials: "same-origin"})
+      .then(function (response) {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        return response.json();
+      })
+      .then(function (now) {
+        var at = Date.now();
+        $("stat-connections").textContent = String(now.connections);
+        $("stat-rooms").textContent = String(now.rooms);
+        $("stat-dropped").textContent = String(now.slow_clients_dropped);
+        $("stat-broker").textContent = now.broker.ok ? "ok" : now.broker.status;
+        $("stat-broker").dataset.state = now.broker.ok ? "up" : "down";
+        if (lastStats) {
+          var seconds = Math.max(0.001, (at - lastStats.at) / 1000);
+          var inRate = (now.messages_in - lastStats.messages_in) / seconds;
+          var outRate = (now.messages_out - lastStats.messages_out) / seconds;
+          $("stat-in").textContent = inRate.toFixed(1);
+          $("stat-out").textContent = outRate.toFixed(1);
+          rates.push(outRate); if (rates.length > 60) rates.shift();
+          var top = Math.max.apply(null, rates.concat([1]));
+          $("stat-line").setAttribute("points", rates.map(function (rate, i) {
+            return (i * 2).toFixed(0) + "," + (30 - 28 * rate / top).toFixed(1);
+          }).join(" "));
+        }
+        now.at = at; lastStats = now;
+        $("stat-note").textContent = "This server process; updated " + new Date(at).toLocaleTimeString();
+      })
+      .catch(function (err) { $("stat-note").textContent = "Stats unavailable (" + err.message + ")"; });
+  }
+  $("stats-toggle").addEventListener("click", function () {
+    var show = $("stats").hidden;
+    $("stats").hidden = !show;
+    $("stats-toggle").setAttribute("aria-expanded", String(show));
+    clearInterval(statsTimer);
+    if (show) { lastStats = null; rates = []; pollStats(); statsTimer = setInterval(pollStats, 2000); }
+  });
   $("mode").addEventListener("change", showFields);
   function messageParts(frame) {
     var when = new Date(frame.ts * 1000).toLocaleTimeString();
@@ -4136,6 +4594,27 @@ def _serving_app(settings: Settings) -> FastAPI:
     return app
 
 
+@main.command()
+@click.argument("url")
+@_option("--room", env="CHAT_ROOM", default=None, help="Room to join (default: the URL's room, else lobby).")
+@_option("--name", env="CHAT_NAME", default=None, help="Your client id (default: a guest id from the server).")
+@_option("--token", env="CHAT_TOKEN", default=None, help="Token, if the server wants one.")
+def chat(url: str, room: str | None, name: str | None, token: str | None) -> None:
+    """Chat in a room from the terminal: URL is the server, e.g. ws://127.0.0.1:8000/.
+
+    Each line you type is sent; /msg NAME TEXT sends a direct message; /quit or end of
+    input leaves. Messages print as [HH:MM] name: text. The connection comes back by
+    itself after a restart, resuming where it left off.
+    """
+    try:
+        status = asyncio.run(_terminal_chat(url, room, name, token))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        status = 0
+    sys.exit(status)
+
+
 def _check_broker(broker: Broker) -> None:
     """Refuse to start on a broker that does not answer: one line, credentials masked."""
     try:
@@ -4157,14 +4636,32 @@ def _run(app: FastAPI, settings: Settings) -> None:
                    h11_max_incomplete_event_size=MAX_REQUEST_HEAD, log_config=_log_config(settings.log_level),
                    **_serving_protocols())
     if settings.workers > 1:
-        # Each worker process builds its own app from the same settings.
+        # Each worker process builds its own app from the same settings; their metrics
+        # meet in one directory (prometheus_client's multiprocess mode), removed at exit.
         os.environ[_SETTINGS_VARIABLE] = json.dumps(asdict(settings))
-        uvicorn.run(f"{_module_name()}:_app_from_environment", factory=True, workers=settings.workers, **options)
+        with _multiprocess_metrics():
+            uvicorn.run(f"{_module_name()}:_app_from_environment", factory=True, workers=settings.workers,
+                        **options)
     else:
         uvicorn.run(app, **options)
 
 
 _SETTINGS_VARIABLE = "WSCHAT_SETTINGS_JSON"
+
+
+@contextlib.contextmanager
+def _multiprocess_metrics() -> Iterator[None]:
+    """PROMETHEUS_MULTIPROC_DIR for the workers: a fresh directory, unless one is set already."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Metrics.create() is None:
+        yield
+        return
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="wschat-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def _app_from_environment() -> FastAPI:
@@ -4186,7 +4683,7 @@ def _raise_file_limit(max_connections: int) -> None:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < wanted:
+        if target < max_connections:
             logger.warning("open-file limit %d is below --max-connections %d", target, max_connections)
 
 

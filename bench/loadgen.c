@@ -1099,7 +1099,7 @@ int main(int argc, char **argv)
         uint64_t lost = rm.win_expected > rm.win_delivered ? rm.win_expected - rm.win_delivered : 0;
         printf(",\"rooms\":%d,\"members\":%d,\"interval_s\":%.3f,\"open_members\":%d,"
                "\"window_s\":%.3f,\"msgs_sent\":%llu,\"msgs_skipped\":%llu,"
-               "\"expected_deliveries\":%llu,\"deliveries\":%llu,\"lost\":%llu,\"drain_s\":%.3f,"
+               "\"expected_deliveries\":%llu,\"deliveries\":%llu,\"lost\":%llu,\"drain_s\":%.3f,\"drain_limit_s\":%.3f,"
                "\"window_deliveries\":%llu,\"deliveries_per_s\":%.1f,\"expected_per_s\":%.1f,"
                "\"server_cpu_us\":%.0f,\"loadgen_cpu_us\":%.0f,"
                "\"server_cpu_us_per_delivery\":%.3f,\"loadgen_cpu_us_per_delivery\":%.3f,"
@@ -1109,7 +1109,7 @@ int main(int argc, char **argv)
                cfg.rooms, cfg.members, cfg.interval, g.open_subs, win,
                (unsigned long long)rm.win_msgs, (unsigned long long)(rm.skipped - skipped0),
                (unsigned long long)rm.win_expected, (unsigned long long)rm.win_delivered,
-               (unsigned long long)lost, drained,
+               (unsigned long long)lost, drained, cfg.drain,
                (unsigned long long)g.win_deliveries, g.win_deliveries / win, rm.win_expected / win,
                s1 - s0, l1 - l0,
                g.win_deliveries ? (s1 - s0) / g.win_deliveries : 0,

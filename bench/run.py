@@ -6,13 +6,15 @@
     python bench/run.py --scenario 3 # one scenario (repeatable: --scenario 1 --scenario 4)
     python bench/run.py --no-stock   # skip "wschat on stock uvicorn" (shorter run)
     python bench/run.py --compare 85b4ed1 --scenario 1   # add wschat.py as of a git commit, same run
+    python bench/run.py --scenario 6 --no-stock          # many small rooms: memory vs SQLite broker vs baseline
 
 For each scenario, wschat (`wschat.py serve`), wschat on stock uvicorn
 (bench/wschat_stock_app.py) and the baseline are started one after the other
-(never together), each on core 0, with the C load generator on core 1. The
-result is one markdown table (wschat, baseline, wschat/baseline, wschat on stock
-uvicorn, stock/baseline) on stdout and bench/results.json. Progress goes to
-stderr. See bench/README.md.
+(never together), each on core 0, with the C load generator on core 1; scenario 6
+also runs wschat with a SQLite broker. The result is one markdown table (wschat,
+baseline, wschat/baseline, then a value and a ratio to the baseline for each
+other server) on stdout and bench/results.json. Progress goes to stderr. See
+bench/README.md.
 
 The harness itself is stdlib only. The servers need fastapi + uvicorn[standard]:
 they run under --python (default: this interpreter if it has them, else
@@ -263,7 +265,7 @@ class WsChat(Server):
     def command(self, scenario: int) -> list[str]:
         cmd = [self.python, str(self.path), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--rate", "0", "--timeout", "0", "--log-level", "warning"]
-        if scenario == 4:
+        if scenario in (4, 6):
             cmd += ["--max-connections", "20000"]
         return cmd
 
@@ -275,9 +277,11 @@ class WsChat(Server):
         return http_get(self.port, "/healthz", timeout=1)[0] == 200
 
     def paths(self, scenario: int) -> dict:
+        marks = {"presence": '"type":"presence"', "error": '"type":"error"'}
+        if scenario == 6:
+            return {"room": "/rooms/r%d/ws?client_id=c%d", **marks}
         room = f"/rooms/bench{scenario}/ws"
-        return {"sub": room + "?client_id=s%d", "pub": room + "?client_id=pub",
-                "presence": '"type":"presence"'}
+        return {"sub": room + "?client_id=s%d", "pub": room + "?client_id=pub", **marks}
 
     def stats(self) -> dict | None:
         try:
@@ -299,6 +303,26 @@ class WsChatCompare(WsChat):
                                         check=True, timeout=30).stdout)
         super().__init__(python, logdir, copy)
         self.ref = ref
+
+
+class WsChatSqlite(WsChat):
+    """wschat with the SQLite broker: `wschat.py serve ... --broker sqlite:///PATH`.
+
+    PATH is absolute (so the URL has four slashes) and a fresh file in the log
+    directory for every start. If `serve` rejects the URL (a wschat.py without that
+    broker), the server exits at start and the column reads `error`.
+    """
+
+    name = "wschat_sqlite"
+
+    def start(self, scenario: int) -> None:
+        self.db = self.logdir / f"wschat-sqlite-s{scenario}.db"
+        for f in (self.db, *(self.db.with_name(self.db.name + x) for x in ("-wal", "-shm", "-journal"))):
+            f.unlink(missing_ok=True)
+        super().start(scenario)
+
+    def command(self, scenario: int) -> list[str]:
+        return super().command(scenario) + ["--broker", f"sqlite:///{self.db}"]
 
 
 class WsChatStock(WsChat):
@@ -333,7 +357,8 @@ class Baseline(Server):
     def command(self, scenario: int) -> list[str]:
         # Scenario 5 needs join announcements, which the tutorial does not make:
         # naive_server_joins.py is the tutorial plus one "joined the chat" broadcast.
-        app = "naive_server_joins:app" if scenario == 5 else "naive_server:app"
+        # Scenario 6 needs rooms: naive_rooms_server.py is the tutorial's per-room manager.
+        app = {5: "naive_server_joins:app", 6: "naive_rooms_server:app"}.get(scenario, "naive_server:app")
         return [self.python, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "warning"]
 
@@ -344,6 +369,8 @@ class Baseline(Server):
         return http_get(self.port, "/", timeout=1)[0] in (200, 404)  # no route: any answer will do
 
     def paths(self, scenario: int) -> dict:
+        if scenario == 6:
+            return {"room": "/ws/r%d", "presence": None}  # the member index is not in its URL
         return {"sub": "/ws/%d", "pub": "/ws/pub",
                 "presence": "joined the chat" if scenario == 5 else None}
 
@@ -359,6 +386,8 @@ def scenario_params(quick: bool) -> dict[int, dict]:
             3: dict(mode="slow", subs=50, slow=5, size=16384, rate=100, duration=4, drain=2, concurrency=100),
             4: dict(mode="conns", subs=1000, concurrency=200),
             5: dict(mode="join", subs=200, concurrency=100, tail=2),
+            6: dict(mode="rooms", rooms=100, members=10, interval=2, warmup=1, duration=5, drain=2,
+                    concurrency=200),
         }
     return {
         1: dict(mode="fanout", subs=1000, duration=10, warmup=1, inflight=10, concurrency=200),
@@ -366,11 +395,16 @@ def scenario_params(quick: bool) -> dict[int, dict]:
         3: dict(mode="slow", subs=200, slow=5, size=16384, rate=100, duration=15, drain=5, concurrency=100),
         4: dict(mode="conns", subs=10000, concurrency=200),
         5: dict(mode="join", subs=1000, concurrency=100, tail=2),
+        6: dict(mode="rooms", rooms=1000, members=10, interval=2, warmup=3, duration=30, drain=5,
+                concurrency=200),
     }
 
 
 TITLES = {1: "fan-out", 2: "latency @ fixed rate", 3: "slow clients", 4: "idle connections",
-          5: "join storm"}
+          5: "join storm", 6: "many small rooms"}
+
+# Servers that run only where they are the point, unless named in --servers.
+ONLY_IN = {"wschat_sqlite": {6}}
 
 
 def loadgen_timeout(p: dict) -> float:
@@ -383,10 +417,15 @@ def run_one(server: Server, scenario: int, p: dict) -> dict:
     background = Background()
     server.start(scenario)
     paths = server.paths(scenario)
-    args = [str(LOADGEN), "--port", str(server.port), "--pid", str(server.proc.pid),
-            "--sub-path", paths["sub"], "--pub-path", paths["pub"], "--hold"]
-    if paths["presence"]:
+    args = [str(LOADGEN), "--port", str(server.port), "--pid", str(server.proc.pid), "--hold"]
+    if "room" in paths:
+        args += ["--room-path", paths["room"]]
+    else:
+        args += ["--sub-path", paths["sub"], "--pub-path", paths["pub"]]
+    if paths.get("presence"):
         args += ["--presence", paths["presence"]]
+    if paths.get("error"):
+        args += ["--error-marker", paths["error"]]
     for k, v in p.items():
         args += [f"--{k}", str(v)]
     cmd = ["taskset", "-c", LOADGEN_CORE, *args]
@@ -452,7 +491,7 @@ def ratio(a, b) -> str:
     return "—"
 
 
-WSCHAT_KINDS = ("wschat", "wschat_stock", "wschat_compare")
+WSCHAT_KINDS = ("wschat", "wschat_sqlite", "wschat_stock", "wschat_compare")
 
 
 def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
@@ -507,6 +546,26 @@ def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
             ("presence frames per member", r["presence_frames_per_member"]),
             ("presence bytes per member", r["presence_bytes_per_member"]),
         ]
+    if scenario == 6:
+        errors = (r["connect_failed"] + r["handshakes_unfinished"] + r["subs_closed_by_server"]
+                  + r["protocol_errors"] + r["error_frames"])
+        return [
+            ("connections open", r["connected"]),
+            ("time to connect all (s)", r["connect_s"]),
+            ("deliveries/s expected (msgs sent × members)", r["expected_per_s"]),
+            ("deliveries/s achieved", r["deliveries_per_s"]),
+            ("latency p50 (ms)", r["p50_ms"]),
+            ("latency p99 (ms)", r["p99_ms"]),
+            (f"deliveries lost (expected − received, after ≤ {r['drain_limit_s']:g} s drain)", r["lost"]),
+            ("delivered (% of expected, after drain)",
+             100.0 * r["deliveries"] / r["expected_deliveries"] if r["expected_deliveries"] else None),
+            ("server CPU µs / delivery", r["server_cpu_us_per_delivery"]),
+            ("loadgen CPU µs / delivery", r["loadgen_cpu_us_per_delivery"]),
+            ("server CPU (% of a core)", r["server_cpu_pct"]),
+            ("server RSS after connecting (MB)", mb(r["rss_connected_kb"])),
+            ("server RSS max while posting (MB)", mb(r["rss_max_kb"])),
+            ("errors (failed connects, server closes, error frames)", errors),
+        ]
     raise ValueError(scenario)
 
 
@@ -548,7 +607,8 @@ def build_rows(results: dict, params: dict, extra: list[str]) -> list[list[str]]
 
 
 TABLE_HEAD = ["scenario", "metric", "wschat", "baseline", "wschat/baseline"]
-EXTRA_HEADS = {"wschat_stock": ["wschat on stock uvicorn", "stock/baseline"],
+EXTRA_HEADS = {"wschat_sqlite": ["wschat sqlite", "sqlite/baseline"],
+               "wschat_stock": ["wschat on stock uvicorn", "stock/baseline"],
                "wschat_compare": ["wschat at --compare", "compare/baseline"]}
 
 
@@ -595,16 +655,24 @@ def notes(results: dict) -> list[str]:
                 out.append(f"{where}: {r['protocol_errors']} connections sent frames the loadgen could not parse")
             if "server_exited" in r:
                 out.append(f"{where}: server exited with {r['server_exited']} during the run")
+            if r.get("error_frames"):
+                out.append(f"{where}: the server sent {r['error_frames']} error frames")
+            if n == 6 and r.get("msgs_skipped"):
+                out.append(f"{where}: {r['msgs_skipped']} scheduled posts were skipped (the member was not open)")
+            if n == 6 and r.get("lost"):
+                out.append(f"{where}: {r['lost']:,} of {r['expected_deliveries']:,} expected deliveries "
+                           f"({100.0 * r['lost'] / r['expected_deliveries']:.2f}%) had not arrived "
+                           f"{r['drain_limit_s']:g} s after the last post")
             if n == 3 and r.get("msgs_not_taken_by_server_at_stop"):
                 out.append(f"{where}: about {r['msgs_not_taken_by_server_at_stop']} of "
                            f"{r['msgs_planned']} messages were still unread by the server at the "
                            "end of publishing (it stopped reading the publisher)")
-        if n == 1:
-            for server in ("wschat", "wschat_stock", "wschat_compare", "baseline"):
+        if n in (1, 6):
+            for server in ("wschat", "wschat_sqlite", "wschat_stock", "wschat_compare", "baseline"):
                 r = per_server.get(server, {})
                 if "loadgen_cpu_us_per_delivery" in r:
                     ok = r["loadgen_cpu_us_per_delivery"] < r["server_cpu_us_per_delivery"]
-                    out.append(f"scenario 1, {server}: loadgen CPU per delivery "
+                    out.append(f"scenario {n}, {server}: loadgen CPU per delivery "
                                f"{r['loadgen_cpu_us_per_delivery']:.2f} µs vs server "
                                f"{r['server_cpu_us_per_delivery']:.2f} µs: "
                                + ("loadgen is cheaper, OK" if ok else "LOADGEN IS NOT CHEAPER: figures suspect"))
@@ -695,9 +763,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short smoke run with small numbers")
     ap.add_argument("--scenario", type=int, action="append", choices=sorted(TITLES),
                     help="run only this scenario (repeatable)")
-    ap.add_argument("--servers", default="wschat,wschat_stock,baseline",
-                    help="comma-separated subset of wschat,wschat_stock,baseline (default all three; "
-                         "they always run in that order)")
+    ap.add_argument("--servers",
+                    help="comma-separated subset of wschat,wschat_sqlite,wschat_stock,baseline (they always "
+                         "run in that order; default: all, wschat_sqlite only in scenario 6; named here, "
+                         "it runs in every scenario)")
     ap.add_argument("--no-stock", action="store_true",
                     help="skip wschat on stock uvicorn (same as leaving wschat_stock out of --servers)")
     ap.add_argument("--compare", metavar="GIT_REF",
@@ -726,13 +795,20 @@ def main() -> int:
     machine = machine_info(python)
     params = scenario_params(args.quick)
     scenarios = sorted(set(args.scenario or params))
-    wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    kinds = ["wschat", "wschat_sqlite", "wschat_stock", "baseline"]
+    wanted = [s.strip() for s in (args.servers or ",".join(kinds)).split(",") if s.strip()]
+    if unknown := sorted(set(wanted) - set(kinds)):
+        sys.exit(f"--servers: unknown {', '.join(unknown)}; choose from {','.join(kinds)}")
+    only_in = {} if args.servers else ONLY_IN
+    runs_in = lambda name, n: n in only_in.get(name, {n})  # noqa: E731
     if args.no_stock:
         wanted = [s for s in wanted if s != "wschat_stock"]
     logdir = Path(tempfile.mkdtemp(prefix="wschat-bench-"))
     servers: list[Server] = []
     if "wschat" in wanted:
         servers.append(WsChat(python, logdir))
+    if "wschat_sqlite" in wanted and any(runs_in("wschat_sqlite", n) for n in scenarios):
+        servers.append(WsChatSqlite(python, logdir))
     if "wschat_stock" in wanted:
         servers.append(WsChatStock(python, logdir))
     if args.compare:
@@ -747,6 +823,8 @@ def main() -> int:
         for n in scenarios:
             results[n] = {}
             for server in servers:
+                if not runs_in(server.name, n):
+                    continue
                 if isinstance(server, WsChat) and not server.path.exists():
                     results[n][server.name] = {"error": f"{WSCHAT.relative_to(ROOT)} does not exist"}
                     continue
@@ -782,7 +860,11 @@ def main() -> int:
           f"websockets {m['websockets']}, fastapi {m['fastapi']}, starlette {m['starlette']}, "
           f"uvloop {m['uvloop']}, httptools {m['httptools']}; loadgen: {m['gcc']} -O2")
     print(f"baseline: bench/naive_server.py (FastAPI tutorial ConnectionManager; scenario 5: "
-          f"bench/naive_server_joins.py = same + a 'joined the chat' broadcast)")
+          f"bench/naive_server_joins.py = same + a 'joined the chat' broadcast; scenario 6: "
+          f"bench/naive_rooms_server.py = the tutorial's manager with a list per room)")
+    if any(isinstance(s, WsChatSqlite) for s in servers):
+        print("wschat sqlite: `wschat.py serve ... --broker sqlite:///<log dir>/wschat-sqlite-sN.db` "
+              "(a fresh file per run)")
     if stock:
         print("wschat on stock uvicorn: bench/wschat_stock_app.py (create_app() under `uvicorn` with its "
               f"default settings, ws: {m.get('uvicorn_ws_auto')}); the headline ratio is wschat/baseline")
