@@ -2921,6 +2921,55 @@ def test_client_pings_inside_the_timeout_ends_when_kicked_and_refused_says_so(se
     run(kicked(), 30)
 
 
+def test_sqlite_commits_are_grouped_and_the_event_loop_never_waits_on_the_disk(tmp_path):
+    """500 messages published at once are committed in far fewer transactions than messages (one fsync per
+    batch), each acknowledged after its commit, in id order; meanwhile the event loop keeps turning."""
+    async def body() -> None:
+        manager = ConnectionManager(Settings(broker=sqlite_url(tmp_path / "chat.db"), presence_interval=60))
+        sock, _ = await enter(manager, "g", "reader")
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        counting = asyncio.ensure_future(ticker())
+        stored = await asyncio.gather(*(manager.publish("g", f"m{i}") for i in range(500)))
+        counting.cancel()
+        assert [m["id"] for m in stored] == list(range(1, 501))
+        assert [m["id"] for m in chat_messages(sock)] == list(range(1, 501))
+        assert manager.broker._file.commits < 100, manager.broker._file.commits
+        assert ticks > manager.broker._file.commits            # the loop ran while the file was written
+        await manager.stop()
+
+    run(body())
+
+
+def test_client_readme_bot_runs_as_written(serve, tmp_path):
+    """The README's echo bot, exactly as written, answers a direct message to whoever speaks."""
+    section = (HERE / "README.md").read_text().split("## Talking to it", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    server = serve()
+    (tmp_path / "bot.py").write_text(code.replace("ws://127.0.0.1:8000/", server.ws_url + "/"))
+    bot = subprocess.Popen([sys.executable, str(tmp_path / "bot.py")], env={**os.environ, "PYTHONPATH": str(HERE)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        async def body() -> None:
+            await wait_for_condition(lambda: members_are(server, "general", ["echo-bot"]), 15)
+            alice, _ = await join(room_url(server, "general", "alice"))
+            await alice.send("hello bot")
+            answer = await alice.recv_until(lambda f: f.get("type") == "message" and f.get("from") == "echo-bot")
+            assert (answer["text"], answer["to"]) == ("you said: hello bot", "alice")
+            await alice.close()
+
+        run(body(), 30)
+    finally:
+        os.killpg(bot.pid, signal.SIGTERM)
+        bot.wait(10)
+
+
 def open_terminal_chat(url: str, *args: str) -> tuple[subprocess.Popen, int]:
     """``python wschat.py chat URL ARGS`` on a real pseudo-terminal: (process, the terminal's master fd)."""
     import pty

@@ -1862,6 +1862,7 @@ class _SQLiteFile:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_commit: Callable[[tuple], Any] = lambda write: None
+        self.commits = 0          # transactions committed: fewer than writes, when they come in bursts
 
     # -- opening ----------------------------------------------------------------
 
@@ -1987,6 +1988,7 @@ class _SQLiteFile:
                 db.execute("UPDATE wschat_rooms SET last_id = max(last_id, ?) WHERE room = ?", (last_id, room))
                 db.execute("DELETE FROM wschat_messages WHERE room = ? AND id <= ?", (room, last_id - self._keep))
             db.execute("COMMIT")
+            self.commits += 1
         except Exception as exc:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
