@@ -2683,6 +2683,19 @@ def test_sqlite_deleted_messages_leave_the_file_and_retain_bounds_it(serve, tmp_
     assert stored_rows(path, "d") == [(6, "m5"), (7, "m6"), (8, "m7"), (10, "m9")]
 
 
+def test_sqlite_ids_never_restart_even_when_the_newest_message_was_deleted_or_trimmed(serve, tmp_path):
+    """The room's last id outlives its messages: delete the newest one, or let --retain trim, restart, and the
+    next id is still one more than any id ever given."""
+    path = tmp_path / "chat.db"
+    server = serve("--broker", sqlite_url(path), "--rate", "0", "--history", "1", "--retain", "1")
+    ids = [http("POST", f"{server.url}/rooms/n/messages", {"text": f"m{i}"})[1]["id"] for i in range(3)]
+    assert http("DELETE", f"{server.url}/rooms/n/messages/{ids[-1]}")[0] == 204
+    server.stop(signal.SIGKILL)
+    assert stored_rows(path, "n") == []
+    again = serve("--broker", sqlite_url(path), "--rate", "0", port=server.port)
+    assert http("POST", f"{again.url}/rooms/n/messages", {"text": "next"})[1]["id"] == 4
+
+
 def test_sqlite_relative_path_is_relative_to_the_working_directory(serve, tmp_path):
     """sqlite:///chat.db is chat.db in the server's working directory."""
     server = serve("--broker", "sqlite:///chat.db", cwd=tmp_path)

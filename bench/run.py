@@ -771,6 +771,9 @@ def main() -> int:
                     help="skip wschat on stock uvicorn (same as leaving wschat_stock out of --servers)")
     ap.add_argument("--compare", metavar="GIT_REF",
                     help="also run wschat.py as of this commit, in the same run (a before/after comparison)")
+    ap.add_argument("--rooms-interval", type=float, metavar="SECONDS",
+                    help="scenario 6: seconds between one member's posts (default 2: 50,000 deliveries/s, which "
+                         "saturates one core; 4 compares servers that keep up)")
     ap.add_argument("--python", help="interpreter for the servers (needs fastapi, uvicorn[standard])")
     ap.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the results")
     ap.add_argument("--wait-idle", type=float, default=15, metavar="SECONDS",
@@ -794,6 +797,8 @@ def main() -> int:
     build_loadgen()
     machine = machine_info(python)
     params = scenario_params(args.quick)
+    if args.rooms_interval:
+        params[6]["interval"] = args.rooms_interval
     scenarios = sorted(set(args.scenario or params))
     kinds = ["wschat", "wschat_sqlite", "wschat_stock", "baseline"]
     wanted = [s.strip() for s in (args.servers or ",".join(kinds)).split(",") if s.strip()]
