@@ -642,8 +642,8 @@ def test_protocol_parse_client_frame_rejects(frame, reason):
         parse_client_frame(frame)
 
 
-def retained(*ids: int) -> list[tuple[dict, str]]:
-    return [({"type": "message", "id": i}, f"frame{i}") for i in ids]
+def retained(*ids: int) -> list[tuple[int, str]]:
+    return [(i, f"frame{i}") for i in ids]
 
 
 @pytest.mark.parametrize("since, epoch_matches, replayed, recovered", [
@@ -658,7 +658,7 @@ def retained(*ids: int) -> list[tuple[dict, str]]:
 def test_protocol_plan_replay(since, epoch_matches, replayed, recovered):
     """Replay exactly the missed messages when the whole gap is retained and the epoch matches."""
     messages, verdict = plan_replay(retained(3, 4, 5), 5, since, epoch_matches)
-    assert [m["id"] for m, _ in messages] == replayed
+    assert [message_id for message_id, _ in messages] == replayed
     assert verdict is recovered
 
 
@@ -934,7 +934,7 @@ class LaggingBroker(wschat.MemoryBroker):
 
 
 class BrokenHistoryBroker(wschat.MemoryBroker):
-    async def history(self, room: str) -> tuple[str, int, list[tuple[dict, str]]]:
+    async def history(self, room: str) -> tuple[str, int, list[tuple[int, str]]]:
         raise RuntimeError("history store corrupted")
 
 
