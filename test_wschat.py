@@ -358,6 +358,9 @@ class FakeServer:
     def attach(self, connection: Any) -> None:
         self.attached = connection
 
+    def take_frames(self) -> bool:
+        return False   # frames come through the socket's receive, as without wschat's protocol
+
 
 class FakeSocket:
     """The ten-line socket the manager talks to: records what is sent, feeds what is received."""
