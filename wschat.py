@@ -3816,6 +3816,7 @@ def _websocket_protocol_class() -> type | None:
             self.close_timeout = CLOSE_TIMEOUT        # uvicorn waits 10 s for the peer's close reply
             self.attached: AttachedConnection | None = None
             self.pushing = False                      # frames go to attached.frame_received (take_frames)
+            self.direct = False                       # send_nowait may write: see _check_direct
             self.held_pongs = 0                       # pongs written while the transport is paused
 
         # -- the transport -------------------------------------------------------
@@ -3824,6 +3825,7 @@ def _websocket_protocol_class() -> type | None:
             super().connection_made(_ServerTransport.wrap(transport, self.loop))
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self.direct = False
             self.transport.ended()
             super().connection_lost(exc)
             # Break the cycles a closed socket would otherwise leave for the cyclic garbage
@@ -3837,9 +3839,14 @@ def _websocket_protocol_class() -> type | None:
             with contextlib.suppress(Exception):
                 self.conn.parser.close()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self.direct = False
+
         def resume_writing(self) -> None:
             super().resume_writing()
             self.held_pongs = 0
+            self._check_direct()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -3848,7 +3855,14 @@ def _websocket_protocol_class() -> type | None:
         def _watch_closing(self) -> None:
             # A close frame sent or received: the peer has CLOSE_TIMEOUT to finish.
             if self.handshake_complete and self.conn.state is not State.OPEN:
+                self.direct = False
                 self.transport.give_up_later()
+
+        def _check_direct(self) -> None:
+            # send_nowait runs once per recipient of every message: rather than testing all of
+            # this each time, it reads one flag, kept up to date where any of it changes
+            # (accept, pause and resume of writing, a close frame, the connection lost).
+            self.direct = self.writable.is_set() and self._plain_text_frames()
 
         # -- ServerSocket: what a wschat Connection may use ------------------------
 
@@ -3886,7 +3900,7 @@ def _websocket_protocol_class() -> type | None:
                     and self.conn.state is open_state)
 
         def send_nowait(self, message: dict) -> bool:
-            if self.writable.is_set() and self._plain_text_frames():
+            if self.direct:
                 self.transport.write(wire(message))
                 return True
             return False
@@ -3903,6 +3917,7 @@ def _websocket_protocol_class() -> type | None:
             await super().send(message)
             if message["type"] == "websocket.accept":
                 self.request = self.response = None   # the handshake is done: ~25 objects per socket fewer
+                self._check_direct()
             self._watch_closing()
 
         # -- bounds on what a client can make the server hold ----------------------
@@ -3953,6 +3968,7 @@ def _websocket_protocol_class() -> type | None:
                 super().send_receive_event_to_app()
 
         def shutdown(self) -> None:
+            self.direct = False
             if self.handshake_complete and not self.close_sent and self.conn.state is not State.OPEN:
                 # The peer's close (or a protocol error) already began the closing handshake:
                 # nothing is left to send, and uvicorn's shutdown would raise InvalidState.

@@ -224,9 +224,13 @@ class Server:
     def start(self, scenario: int) -> None:
         self.port = free_port()
         self.log = self.logdir / f"{self.name}-s{scenario}.log"
-        cmd = ["taskset", "-c", SERVER_CORE, *self.command(scenario)]
-        self.cmdline = shlex.join(cmd)
-        self.proc = spawn(cmd, cwd=self.cwd(), logfile=self.log, env=self.env())
+        self.cmd = ["taskset", "-c", SERVER_CORE, *self.command(scenario)]
+        self.cmdline = shlex.join(self.cmd)
+        self.launch()
+
+    def launch(self) -> None:
+        """Start self.cmd (logging to self.log) and wait until it answers."""
+        self.proc = spawn(self.cmd, cwd=self.cwd(), logfile=self.log, env=self.env())
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -236,8 +240,37 @@ class Server:
                     return
             except OSError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise BenchError(f"{self.name} not ready after 30 s:\n{tail(self.log)}")
+
+    def restart(self, scenario: int, tell) -> dict:
+        """Scenario 8: SIGTERM, wait for the exit, at once the same command on the same port.
+
+        `tell(line)` passes the moments to the load generator (CLOCK_MONOTONIC ns, the
+        clock it stamps with): "term <ns>" right after the signal, "pid <pid> <ns>" once
+        the new process answers.
+        """
+        old, old_log = self.proc, self.log
+        t_term = time.monotonic_ns()
+        old.send_signal(signal.SIGTERM)
+        tell(f"term {t_term}")
+        how, ticks = "exited", 0
+        while old.poll() is None:   # an exited child stays readable in /proc until poll() reaps it
+            ticks = proc_ticks(old.pid) or ticks
+            if time.monotonic_ns() - t_term > 15e9:
+                how = "killed after 15 s"
+                old.kill()
+                old.wait(timeout=10)
+            time.sleep(0.01)
+        t_exit = time.monotonic_ns()
+        RUNNING.pop(old.pid, None)
+        self.log = self.logdir / f"{self.name}-s{scenario}-restarted.log"
+        self.launch()
+        t_ready = time.monotonic_ns()
+        tell(f"pid {self.proc.pid} {t_ready}")
+        return {"old_end": how, "old_exit_code": old.returncode, "term_to_exit_s": (t_exit - t_term) / 1e9,
+                "exit_to_ready_s": (t_ready - t_exit) / 1e9, "term_to_ready_s": (t_ready - t_term) / 1e9,
+                "old_log": str(old_log), "new_log": str(self.log), "new_pid": self.proc.pid, "old_ticks": ticks}
 
     def stats(self) -> dict | None:
         return None
@@ -265,8 +298,10 @@ class WsChat(Server):
     def command(self, scenario: int) -> list[str]:
         cmd = [self.python, str(self.path), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--rate", "0", "--timeout", "0", "--log-level", "warning"]
-        if scenario in (4, 6):
+        if scenario in (4, 6, 8):
             cmd += ["--max-connections", "20000"]
+        if scenario == 7:
+            cmd += ["--max-connections", "60000"]
         return cmd
 
     def cwd(self) -> Path:
@@ -278,8 +313,13 @@ class WsChat(Server):
 
     def paths(self, scenario: int) -> dict:
         marks = {"presence": '"type":"presence"', "error": '"type":"error"'}
+        if scenario in (4, 7):
+            marks["welcome"] = '"type":"welcome"'   # a connection counts once welcomed
         if scenario == 6:
             return {"room": "/rooms/r%d/ws?client_id=c%d", **marks}
+        if scenario == 8:
+            # the loadgen appends &since=<last id>&epoch=<epoch> when it reconnects
+            return {"room": "/rooms/storm%d/ws?client_id=c%d", "pub": "/rooms/storm%d/ws?client_id=pub", **marks}
         room = f"/rooms/bench{scenario}/ws"
         return {"sub": room + "?client_id=s%d", "pub": room + "?client_id=pub", **marks}
 
@@ -316,7 +356,8 @@ class WsChatSqlite(WsChat):
     name = "wschat_sqlite"
 
     def start(self, scenario: int) -> None:
-        self.db = self.logdir / f"wschat-sqlite-s{scenario}.db"
+        # scenario 8 restarts the server on this file (restart() does not come here)
+        self.db = self.logdir / ("storm.db" if scenario == 8 else f"wschat-sqlite-s{scenario}.db")
         for f in (self.db, *(self.db.with_name(self.db.name + x) for x in ("-wal", "-shm", "-journal"))):
             f.unlink(missing_ok=True)
         super().start(scenario)
@@ -388,6 +429,9 @@ def scenario_params(quick: bool) -> dict[int, dict]:
             5: dict(mode="join", subs=200, concurrency=100, tail=2),
             6: dict(mode="rooms", rooms=100, members=10, interval=2, warmup=1, duration=5, drain=2,
                     concurrency=200),
+            7: dict(mode="conns", subs=2000, concurrency=200, src_addrs=249, stall=10, connect_timeout=60),
+            8: dict(mode="storm", rooms=20, members=50, rate=50, warmup=1, duration=2, tail=2, drain=2,
+                    storm_timeout=30, backoff_min=0.05, backoff_max=2, concurrency=200),
         }
     return {
         1: dict(mode="fanout", subs=1000, duration=10, warmup=1, inflight=10, concurrency=200),
@@ -397,19 +441,81 @@ def scenario_params(quick: bool) -> dict[int, dict]:
         5: dict(mode="join", subs=1000, concurrency=100, tail=2),
         6: dict(mode="rooms", rooms=1000, members=10, interval=2, warmup=3, duration=30, drain=5,
                 concurrency=200),
+        # 50,000 from 249 source addresses (127.0.0.2-250); stall: give up after 15 s without progress
+        7: dict(mode="conns", subs=50000, concurrency=200, src_addrs=249, stall=15, connect_timeout=300),
+        # 100 rooms x 100 subscribers + 100 publisher connections; 200 messages/s = 2 per room per s
+        8: dict(mode="storm", rooms=100, members=100, rate=200, warmup=2, duration=5, tail=5, drain=3,
+                storm_timeout=60, backoff_min=0.05, backoff_max=2, concurrency=200),
     }
 
 
 TITLES = {1: "fan-out", 2: "latency @ fixed rate", 3: "slow clients", 4: "idle connections",
-          5: "join storm", 6: "many small rooms"}
+          5: "join storm", 6: "many small rooms", 7: "50,000 idle connections", 8: "reconnect storm"}
 
 # Servers that run only where they are the point, unless named in --servers.
-ONLY_IN = {"wschat_sqlite": {6}}
+ONLY_IN = {"wschat_sqlite": {6, 8}, "wschat_stock": {1, 2, 3, 4, 5, 6}}
+# ... and where they cannot run at all: the tutorial has no resume (since=, epoch).
+NEVER_IN = {"baseline": {8}}
 
 
 def loadgen_timeout(p: dict) -> float:
-    # connect (bounded at 120 s by the loadgen) + the scenario's own phases + slack
-    return 120 + p.get("warmup", 0) + p.get("duration", 0) + p.get("drain", 0) + p.get("tail", 0) + 30
+    # connect (bounded at 120 s by the loadgen unless told) + the scenario's own phases + slack;
+    # scenario 8: until the loadgen's "ready", before the restart
+    return (p.get("connect_timeout", 120) + p.get("warmup", 0) + p.get("duration", 0) + p.get("drain", 0)
+            + p.get("tail", 0) + 30)
+
+
+class Lines:
+    """The load generator's stdout, one line at a time, each within a deadline."""
+
+    def __init__(self, proc: subprocess.Popen, logfile: Path):
+        self.proc, self.logfile, self.buf = proc, logfile, b""
+
+    def next(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"loadgen gave no result within {timeout:.0f} s")
+            r, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
+            if r:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise BenchError(f"loadgen exited ({self.proc.poll()}) without a result:\n{tail(self.logfile)}")
+                self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+
+def log_findings(path: Path) -> dict:
+    """What a server log holds besides wschat's banner: at --log-level warning, normally nothing."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    lines = [line for line in text.splitlines() if line.strip() and "open http://" not in line]
+    first: list[str] = []
+    for line in lines:
+        if line.startswith((" ", "\t")) or line in first:
+            continue   # traceback frames, repeats
+        first.append(line[:200])
+        if len(first) == 5:
+            break
+    return {"log": str(path), "lines": len(lines), "tracebacks": text.count("Traceback (most recent call last)"),
+            "too_many_open_files": text.count("Too many open files"), "first_lines": first}
+
+
+def fd_usage(pid: int) -> dict:
+    """Descriptors a process has open, and its RLIMIT_NOFILE (soft), from /proc."""
+    out: dict = {}
+    try:
+        out["open_fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                out["nofile_soft"], out["nofile_hard"] = (int(x) for x in line.split()[3:5])
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def run_one(server: Server, scenario: int, p: dict) -> dict:
@@ -421,35 +527,53 @@ def run_one(server: Server, scenario: int, p: dict) -> dict:
     if "room" in paths:
         args += ["--room-path", paths["room"]]
     else:
-        args += ["--sub-path", paths["sub"], "--pub-path", paths["pub"]]
+        args += ["--sub-path", paths["sub"]]
+    if "pub" in paths:
+        args += ["--pub-path", paths["pub"]]   # scenario 8: a template, %d = room
     if paths.get("presence"):
         args += ["--presence", paths["presence"]]
     if paths.get("error"):
         args += ["--error-marker", paths["error"]]
+    if paths.get("welcome"):
+        args += ["--welcome", paths["welcome"]]
     for k, v in p.items():
-        args += [f"--{k}", str(v)]
+        args += [f"--{k.replace('_', '-')}", str(v)]
     cmd = ["taskset", "-c", LOADGEN_CORE, *args]
     lg_log = server.logdir / f"loadgen-{server.name}-s{scenario}.log"
     lg = spawn(cmd, cwd=BENCH, logfile=lg_log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    result = None
     try:
-        line = b""
-        deadline = time.monotonic() + loadgen_timeout(p)
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"loadgen gave no result within {loadgen_timeout(p):.0f} s")
-            r, _, _ = select.select([lg.stdout], [], [], min(left, 1.0))
-            if r:
-                chunk = os.read(lg.stdout.fileno(), 65536)
-                if not chunk:
-                    raise BenchError(f"loadgen exited ({lg.poll()}) without a result:\n{tail(lg_log)}")
-                line += chunk
+        lines = Lines(lg, lg_log)
+        restart, old_ticks = None, 0
+        if p["mode"] == "storm":
+            if lines.next(loadgen_timeout(p)) != b"ready":
+                raise BenchError(f"loadgen did not say ready:\n{tail(lg_log)}")
+
+            def tell(line: str) -> None:
+                lg.stdin.write(line.encode() + b"\n")
+                lg.stdin.flush()
+
+            restart = server.restart(scenario, tell)
+            old_ticks = restart["old_ticks"]  # the first process's CPU (gone with it): Background needs it
+            log(f"    restarted: SIGTERM -> exit {restart['term_to_exit_s']:.2f} s, "
+                f"-> ready {restart['term_to_ready_s']:.2f} s")
+            line = lines.next(p["storm_timeout"] + p["tail"] + p["drain"] + 30)
+        else:
+            line = lines.next(loadgen_timeout(p))
         result = json.loads(line)
-        result["background"] = background.other_pct(proc_ticks(server.proc.pid) + proc_ticks(lg.pid))
+        result["background"] = background.other_pct(proc_ticks(server.proc.pid) + proc_ticks(lg.pid) + old_ticks)
         result["loadgen_cmd"] = shlex.join(cmd)
+        result["welcome_marker"] = paths.get("welcome")
+        result["params"] = p
         if isinstance(server, WsChat):
             result["wschat_version"] = server.version
         result["server_cmd"] = server.cmdline
+        result["server_fds"] = fd_usage(server.proc.pid)
+        if restart is not None:
+            result["restart"] = restart
+            if isinstance(server, WsChat):
+                # wschat.py may have changed in between: the version that came back
+                result["wschat_version_after_restart"] = wschat_version(server.path)
         stats = server.stats()
         if stats is not None:
             result["server_stats"] = stats
@@ -468,6 +592,10 @@ def run_one(server: Server, scenario: int, p: dict) -> dict:
             pass
         stop(lg, grace=2)
         log(f"    {server.name} stopped ({server_end})")
+        if result is not None:
+            result["server_end"] = server_end
+            result["server_logs"] = [log_findings(Path(f)) for f in
+                                     ([result["restart"]["old_log"]] if "restart" in result else []) + [server.log]]
 
 
 # ---------------------------------------------------------------------------
@@ -528,6 +656,7 @@ def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
         return [
             ("connections open", r["connected"]),
             ("time to connect all (s)", r["connect_s"]),
+            *connect_cost(r),
             ("server RSS before (MB)", mb(r["rss_before_kb"])),
             ("server RSS after (MB)", mb(r["rss_after_kb"])),
             ("RSS per connection (KB)", r["rss_per_conn_bytes"] / 1024 if r["connected"] else None),
@@ -566,7 +695,77 @@ def metrics(scenario: int, r: dict, server: str) -> list[tuple[str, object]]:
             ("server RSS max while posting (MB)", mb(r["rss_max_kb"])),
             ("errors (failed connects, server closes, error frames)", errors),
         ]
+    if scenario == 7:
+        return [
+            (f"connections open (of {r['conns']:,})", opened(r)),
+            ("time to connect all (s)", r["connect_s"]),
+            *connect_cost(r),
+            ("server RSS after connecting (MB)", mb(r["rss_after_kb"])),
+            ("RSS per connection (KB)", r["rss_per_conn_bytes"] / 1024 if r["connected"] else None),
+            ("descriptor limit, server / loadgen (RLIMIT_NOFILE)",
+             f"{r.get('server_fds', {}).get('nofile_soft', '?'):,} / {r['nofile_limit']:,}"),
+            ("connecting stopped by", stopped_by(r)),
+        ]
+    if scenario == 8:
+        rs = r.get("restart", {})
+        cpu = r["server_cpu_ready_to_back_us"]
+        wall = r["ready_to_back_s"]
+        pct = lambda a, b: 100.0 * a / b if b else None  # noqa: E731
+        return [
+            ("subscribers + publisher connections", f"{r['subs']:,} + {r['pubs']:,}"),
+            ("time to connect all at the start (s)", r["connect_s"]),
+            ("SIGTERM → old server exited (s)", rs.get("term_to_exit_s")),
+            ("SIGTERM → new server answers /healthz (s)", rs.get("term_to_ready_s")),
+            ("SIGTERM → all subscribers welcomed again (s)",
+             r["term_to_all_back_s"] if r["term_to_all_back_s"] >= 0 else "not all"),
+            ("subscribers welcomed again", r["subs_back"]),
+            ("resumed with recovered: true", r["subs_recovered"]),
+            ("resumed with recovered: false", r["subs_not_recovered"]),
+            ("messages replayed on resume (frames)", r["replayed_frames"]),
+            ("messages acknowledged (echo to publisher)", r["msgs_acked_live"] + r["msgs_acked_by_replay"]),
+            ("messages lost (acknowledged, some subscriber never got it)", r["lost_msgs"]),
+            ("deliveries lost (of acknowledged × members)", r["lost_deliveries"]),
+            ("duplicates (same message twice at a subscriber)", r["duplicates"]),
+            ("publisher round trip before, p50 (ms)", r["rtt_before_p50_ms"]),
+            ("publisher round trip before, p99 (ms)", r["rtt_before_p99_ms"]),
+            ("publisher round trip before, max (ms)", r["rtt_before_max_ms"]),
+            ("publisher round trip in the storm, p50 (ms)", r["rtt_storm_p50_ms"]),
+            ("publisher round trip in the storm, p99 (ms)", r["rtt_storm_p99_ms"]),
+            ("publisher round trip in the storm, max (ms)", r["rtt_storm_max_ms"]),
+            ("messages not sent (room's publisher reconnecting)", r["msgs_skipped"]),
+            ("messages sent, never acknowledged", r["msgs_unacked"]),
+            ("server CPU, ready → all back (% of a core)", pct(cpu / 1e6, wall) if cpu >= 0 else None),
+            ("server CPU µs per reconnect (ready → all back)",
+             cpu / (r["subs"] + r["pubs"]) if cpu >= 0 else None),
+        ]
     raise ValueError(scenario)
+
+
+def opened(r: dict) -> int:
+    """Connections that count: welcomed where the server sends a welcome, else handshaken."""
+    return r["welcomed"] if r.get("welcome_marker") else r["connected"]
+
+
+def connect_cost(r: dict) -> list[tuple[str, object]]:
+    """Scenarios 4 and 7: what one connection costs while they are being opened."""
+    n, cpu = opened(r), r["connect_server_cpu_us"]
+    return [
+        ("connections/s", n / r["connect_s"] if r["connect_s"] else None),
+        ("server CPU µs per connection (connect phase)", cpu / n if n and cpu >= 0 else None),
+        ("loadgen CPU µs per connection", r["connect_loadgen_cpu_us"] / n if n else None),
+        ("server CPU while connecting (% of a core)",
+         cpu / (r["connect_wall_s"] * 1e4) if r["connect_wall_s"] and cpu >= 0 else None),
+    ]
+
+
+def stopped_by(r: dict) -> str:
+    if r.get("fd_error"):
+        return f"loadgen: {r['fd_error']}"
+    if r.get("connect_stalled"):
+        return "no progress (stall limit)"
+    if r["handshakes_unfinished"]:
+        return "connect time limit"
+    return "all connected"
 
 
 def build_rows(results: dict, params: dict, extra: list[str]) -> list[list[str]]:
@@ -634,9 +833,10 @@ def notes(results: dict) -> list[str]:
             if "error" in r:
                 out.append(f"{where}: ERROR {r['error']}")
                 continue
-            if r.get("connect_failed"):
-                out.append(f"{where}: {r['connect_failed']} of {r['conns']} connections failed "
-                           f"(tcp {r['connect_failed_tcp']}, 4xx {r['connect_failed_4xx']}, "
+            no_fd = r.get("connect_failed_no_fd", 0)   # socket() found no descriptor: see connect_notes
+            if r.get("connect_failed", 0) > no_fd:
+                out.append(f"{where}: {r['connect_failed'] - no_fd} of {r['conns']} connections failed "
+                           f"(tcp {r['connect_failed_tcp'] - no_fd}, 4xx {r['connect_failed_4xx']}, "
                            f"5xx {r['connect_failed_5xx']}, other {r['connect_failed_other']})")
             if r.get("subs_closed_by_server"):
                 out.append(f"{where}: server closed {r['subs_closed_by_server']} reading subscribers "
@@ -648,9 +848,20 @@ def notes(results: dict) -> list[str]:
             if bg.get("other_cpu_pct_of_core", 0) >= 10 or bg.get("steal_pct_of_core", 0) >= 10:
                 out.append(f"{where}: OTHER PROCESSES used {bg['other_cpu_pct_of_core']:.0f}% of a core "
                            f"(steal {bg['steal_pct_of_core']:.0f}%) during this run: its figures are disturbed")
-            if r.get("handshakes_unfinished"):
+            if r.get("handshakes_unfinished") and n != 7:
                 out.append(f"{where}: only {r['connected']} of {r['conns']} connections were open when the "
                            f"loadgen's 120 s connect limit ran out ({r['handshakes_unfinished']} handshakes unfinished)")
+            for found in r.get("server_logs", []):
+                if found.get("lines"):
+                    out.append(f"{where}: server log {Path(found['log']).name}: {found['lines']} lines, "
+                               f"{found['tracebacks']} tracebacks"
+                               + (f", {found['too_many_open_files']} 'Too many open files'"
+                                  if found["too_many_open_files"] else "")
+                               + f"; first: {' | '.join(found['first_lines'][:3])}")
+            if n in (4, 7):
+                out += connect_notes(where, r)
+            if n == 8:
+                out += storm_notes(where, server, r)
             if r.get("protocol_errors"):
                 out.append(f"{where}: {r['protocol_errors']} connections sent frames the loadgen could not parse")
             if "server_exited" in r:
@@ -676,6 +887,59 @@ def notes(results: dict) -> list[str]:
                                f"{r['loadgen_cpu_us_per_delivery']:.2f} µs vs server "
                                f"{r['server_cpu_us_per_delivery']:.2f} µs: "
                                + ("loadgen is cheaper, OK" if ok else "LOADGEN IS NOT CHEAPER: figures suspect"))
+    return out
+
+
+def connect_notes(where: str, r: dict) -> list[str]:
+    """Scenarios 4 and 7: is the connect rate the server's, and how far did 7 get."""
+    out = []
+    n, cpu, wall = opened(r), r["connect_server_cpu_us"], r["connect_wall_s"]
+    if n and cpu >= 0 and wall:
+        pct = cpu / (wall * 1e4)
+        lg = r["connect_loadgen_cpu_us"] / n
+        if pct < 90:
+            out.append(f"{where}: the server used only {pct:.0f}% of its core while connecting: connections/s "
+                       f"is not limited by its CPU alone (the loadgen keeps {r['params']['concurrency']} handshakes "
+                       f"in flight and used {100 * r['connect_loadgen_cpu_us'] / (wall * 1e6):.0f}% of its core)")
+        if lg >= cpu / n:
+            out.append(f"{where}: loadgen CPU per connection {lg:.0f} µs vs server {cpu / n:.0f} µs: "
+                       "LOADGEN IS NOT CHEAPER: figures suspect")
+    if n < r["conns"]:
+        fds = r.get("server_fds", {})
+        out.append(f"{where}: {n:,} of {r['conns']:,} connections opened; connecting stopped by {stopped_by(r)}; "
+                   f"server holds {fds.get('open_fds', '?'):,} descriptors of its limit {fds.get('nofile_soft', '?'):,}, "
+                   f"the loadgen's limit is {r['nofile_limit']:,}"
+                   + (f"; {r['not_attempted']:,} never attempted" if r.get("not_attempted") else ""))
+    return out
+
+
+def storm_notes(where: str, server: str, r: dict) -> list[str]:
+    """Scenario 8: what a reader must know about the restart."""
+    out = []
+    rs = r.get("restart", {})
+    if rs.get("old_end") != "exited":
+        out.append(f"{where}: the first server did not exit within 15 s of SIGTERM: {rs.get('old_end')}")
+    if r["subs_back"] < r["subs"]:
+        out.append(f"{where}: only {r['subs_back']:,} of {r['subs']:,} subscribers were welcomed again within "
+                   f"{r['params']['storm_timeout']} s")
+    if r["lost_msgs"]:
+        ex = r.get("lost_examples", [])[:3]
+        detail = "; ".join(f"id {e['id']} in room {e['room']} sent {e['sent_ms_after_term']:.0f} ms after SIGTERM, "
+                           f"member {e['member']} resumed since={e['sub_since']} got welcome last_id="
+                           f"{e['sub_welcome_last_id']}" for e in ex)
+        must = " (with SQLite this MUST be 0)" if server == "wschat_sqlite" else ""
+        out.append(f"{where}: {r['lost_msgs']} acknowledged messages ({r['lost_deliveries']} deliveries) never "
+                   f"reached every subscriber of their room{must}, {r['lost_msgs_sent_before_term']} of them sent "
+                   f"before the SIGTERM; e.g. {detail}")
+    if r["duplicates"]:
+        out.append(f"{where}: {r['duplicates']} duplicate deliveries (a subscriber got the same message twice)")
+    if server == "wschat_sqlite" and (r["subs_not_recovered"] or r["epoch_changes"]):
+        out.append(f"{where}: {r['subs_not_recovered']} resumes answered recovered: false and {r['epoch_changes']} "
+                   "epoch changes, although SQLite keeps both")
+    if r.get("foreign_frames"):
+        out.append(f"{where}: {r['foreign_frames']} message frames carried no marker of this run's publisher")
+    if r.get("resumes_without_recovered"):
+        out.append(f"{where}: {r['resumes_without_recovered']} welcomes after a since= had no \"recovered\"")
     return out
 
 
@@ -749,11 +1013,31 @@ def build_loadgen() -> None:
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)], check=True, timeout=120)
 
 
-def raise_nofile() -> None:
-    # children inherit it: the server needs a descriptor per connection (10k in scenario 4)
+def raise_nofile() -> dict:
+    """RLIMIT_NOFILE as high as it goes; children inherit it.
+
+    The server needs a descriptor per connection (10k in scenario 4, 50k in 7), and so
+    does the loadgen. Raising the hard limit takes CAP_SYS_RESOURCE (root, outside most
+    containers) and stops at /proc/sys/fs/nr_open; otherwise the soft limit goes up to
+    the hard one. Returns what happened, for the header and results.json.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out: dict = {"before": [soft, hard]}
+    try:
+        want = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        want = hard
+    out["nr_open"] = want
+    if hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError) as e:
+            out["hard_limit_error"] = f"setrlimit({want}) refused: {e} (needs CAP_SYS_RESOURCE)"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    out["after"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -793,7 +1077,7 @@ def main() -> int:
     if Path.cwd() != ROOT:
         command = f"cd {shlex.quote(str(Path.cwd()))} && {command}"
     python = pick_python(args.python)
-    raise_nofile()
+    nofile = raise_nofile()
     build_loadgen()
     machine = machine_info(python)
     params = scenario_params(args.quick)
@@ -805,7 +1089,7 @@ def main() -> int:
     if unknown := sorted(set(wanted) - set(kinds)):
         sys.exit(f"--servers: unknown {', '.join(unknown)}; choose from {','.join(kinds)}")
     only_in = {} if args.servers else ONLY_IN
-    runs_in = lambda name, n: n in only_in.get(name, {n})  # noqa: E731
+    runs_in = lambda name, n: n in only_in.get(name, {n}) and n not in NEVER_IN.get(name, ())  # noqa: E731
     if args.no_stock:
         wanted = [s for s in wanted if s != "wschat_stock"]
     logdir = Path(tempfile.mkdtemp(prefix="wschat-bench-"))
@@ -814,7 +1098,7 @@ def main() -> int:
         servers.append(WsChat(python, logdir))
     if "wschat_sqlite" in wanted and any(runs_in("wschat_sqlite", n) for n in scenarios):
         servers.append(WsChatSqlite(python, logdir))
-    if "wschat_stock" in wanted:
+    if "wschat_stock" in wanted and any(runs_in("wschat_stock", n) for n in scenarios):
         servers.append(WsChatStock(python, logdir))
     if args.compare:
         servers.append(WsChatCompare(python, logdir, args.compare))
@@ -850,7 +1134,7 @@ def main() -> int:
         stop_all()
 
     elapsed = time.time() - started
-    stock = "wschat_stock" in wanted
+    stock = any(isinstance(s, WsChatStock) for s in servers)
     extra = [s.name for s in servers if s.name in EXTRA_HEADS]
     rows = build_rows(results, params, extra)
     table = markdown(rows, extra)
@@ -875,6 +1159,14 @@ def main() -> int:
               f"default settings, ws: {m.get('uvicorn_ws_auto')}); the headline ratio is wschat/baseline")
     if args.compare:
         print(f"wschat at --compare: wschat.py as of git {args.compare}, served as wschat is")
+    if 8 in scenarios:
+        print("scenario 8 (reconnect storm): the wschat column is the memory broker, wschat sqlite is "
+              "`--broker sqlite:///<log dir>/storm.db`; each server is SIGTERMed and started again mid-run; "
+              "no baseline (the tutorial has no resume)")
+    lim = nofile["after"]
+    print(f"RLIMIT_NOFILE for servers and loadgen: soft {lim[0]:,}, hard {lim[1]:,}"
+          + (f" (could not raise the hard limit to nr_open {nofile['nr_open']:,}: "
+             f"{nofile['hard_limit_error']})" if "hard_limit_error" in nofile else ""))
     print(f"run took {elapsed:.0f} s{' (INTERRUPTED)' if interrupted else ''}; server/loadgen logs in {logdir}")
     versions = {json.dumps(r["wschat_version"], sort_keys=True) for per in results.values()
                 for r in per.values() if "wschat_version" in r}
@@ -899,7 +1191,7 @@ def main() -> int:
             print(f"- {line}")
     out = {"command": command, "quick": args.quick, "interrupted": interrupted, "started_unix": started,
            "duration_s": round(elapsed, 1), "machine": machine, "cores": {"server": SERVER_CORE,
-           "loadgen": LOADGEN_CORE}, "params": params, "logs": str(logdir),
+           "loadgen": LOADGEN_CORE}, "params": params, "logs": str(logdir), "rlimit_nofile": nofile,
            "results": {str(k): v for k, v in results.items()},
            "table": [dict(zip(json_keys(extra), r)) for r in rows],
            "notes": note_lines}
