@@ -69,7 +69,6 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSo
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette import status
 from starlette.requests import HTTPConnection
-from starlette.routing import Router, WebSocketRoute
 
 __all__ = [
     "Connection",
@@ -459,6 +458,7 @@ class ChatSocket(Protocol):
 
 
 RAW_SEND = "wschat.send"              # scope key: the ASGI server's own send, recorded by _Endpoint
+RAW_RECEIVE = "wschat.receive"        # scope key: and its receive
 SERVER_EXTENSION = "wschat.server"    # scope extension: a ServerSocket, offered by wschat's uvicorn protocol
 CLOSE_TIMEOUT = 5.0                   # seconds a closing handshake may take before the TCP connection is dropped
 INBOX_LIMIT = 16                      # frames handed over and not yet handled before a client is read no more
@@ -1161,7 +1161,9 @@ class ConnectionManager:
         just before it left are still delivered, even if a send to it already failed.
         When the socket ends, the connection is released.
         """
-        receive = conn.socket.receive
+        # The server's own receive where the route recorded it: Starlette's wrapper would be one
+        # more frame held by every open socket, for state this loop does not need.
+        receive = getattr(conn.socket, "scope", {}).get(RAW_RECEIVE) or conn.socket.receive
         server = conn._server if conn.handler is not None else None
         while True:
             if server is not None and server.take_frames():
@@ -3296,7 +3298,7 @@ class _Endpoint:
         self.handler = handler
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        scope[RAW_SEND] = send
+        scope[RAW_SEND], scope[RAW_RECEIVE] = send, receive
         await self.handler(WebSocket(scope, receive, send))
 
 
@@ -3312,7 +3314,7 @@ class ChatApp(FastAPI):
     ``create_app``: then it goes through the whole stack, so that middleware sees it.
     """
 
-    def __init__(self, websocket_routes: list[WebSocketRoute], *, max_body: int, **kwargs: Any) -> None:
+    def __init__(self, websocket_routes: dict[str, _Endpoint], *, max_body: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_middleware(_WebSocketRouter, routes=websocket_routes, max_body=max_body)
         self._routes = _WebSocketRouter(self._whole_stack, websocket_routes, max_body)
@@ -3339,23 +3341,49 @@ class _WebSocketRouter:
     """Outermost ASGI middleware of wschat's app: its WebSocket routes go straight to
     their endpoints. FastAPI's per-request machinery (dependency solving, exit stacks,
     exception wrappers) is built for HTTP; held for the life of every open socket it
-    cost a quarter of each connection's memory (8 of 33 KB). Other paths go on to FastAPI,
-    except a request that declares a body over ``max_body``: 413 before it is read.
+    cost a quarter of each connection's memory (8 of 33 KB). The four routes are matched
+    by hand, too: Starlette's router is three more frames per open socket and a regular
+    expression per route per handshake. Other paths go on to FastAPI, except a request
+    that declares a body over ``max_body``: 413 before it is read.
+
+    ``routes``: the endpoints by route group (``echo``, ``lobby``, ``items``, ``rooms``).
     """
 
-    def __init__(self, app: Any, routes: list[WebSocketRoute], max_body: int) -> None:
+    def __init__(self, app: Any, routes: dict[str, _Endpoint], max_body: int) -> None:
         self.app = app
-        self.router = Router(routes=routes, default=app)
+        self.routes = routes
         self.max_body = max_body
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
-            await self.router(scope, receive, send)
+            endpoint = self._match(scope)
+            await (endpoint or self.app)(scope, receive, send)
         elif scope["type"] == "http" and _declared_length(scope) > self.max_body:
             await _refuse_http(send, status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
                                f"request body larger than {self.max_body} bytes")
         else:
             await self.app(scope, receive, send)
+
+    def _match(self, scope: dict) -> _Endpoint | None:
+        """The endpoint for a WebSocket path, with ``path_params`` set as Starlette's router would."""
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):   # mounted: the routes are relative to the mount
+            path = path[len(root):]
+        parts = path.split("/")
+        if len(parts) == 2 and parts[1] == "ws":                                          # /ws
+            group, params = "echo", {}
+        elif len(parts) == 3 and parts[1] == "ws" and parts[2]:                           # /ws/{client_id}
+            group, params = "lobby", {"client_id": parts[2]}
+        elif len(parts) == 4 and parts[1] == "items" and parts[2] and parts[3] == "ws":   # /items/{item_id}/ws
+            group, params = "items", {"item_id": parts[2]}
+        elif len(parts) == 4 and parts[1] == "rooms" and parts[2] and parts[3] == "ws":   # /rooms/{room}/ws
+            group, params = "rooms", {"room": parts[2]}
+        else:
+            return None
+        endpoint = self.routes.get(group)
+        if endpoint is not None:
+            scope["path_params"] = params
+        return endpoint
 
 
 def _declared_length(scope: dict) -> int:
@@ -3455,7 +3483,7 @@ def _int_param(websocket: WebSocket, name: str, minimum: int | None = None) -> i
     return value
 
 
-def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper, groups: frozenset[str]) -> list[WebSocketRoute]:
+def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper, groups: frozenset[str]) -> dict[str, _Endpoint]:
     async def refuse(websocket: WebSocket, reason: str) -> None:
         await websocket.close(WS_1008_POLICY_VIOLATION, reason)   # before accepting: HTTP 403
 
@@ -3513,11 +3541,8 @@ def _websocket_routes(chat: ConnectionManager, gate: Gatekeeper, groups: frozens
         await session(websocket, chat.handle_frame, room=room, since=since,
                       epoch=websocket.query_params.get("epoch"), client_id=websocket.query_params.get("client_id"))
 
-    routes = {"echo": WebSocketRoute("/ws", _Endpoint(echo)),
-              "lobby": WebSocketRoute("/ws/{client_id}", _Endpoint(lobby)),
-              "items": WebSocketRoute("/items/{item_id}/ws", _Endpoint(item)),
-              "rooms": WebSocketRoute("/rooms/{room}/ws", _Endpoint(room_chat))}
-    return [route for group, route in routes.items() if group in groups]
+    endpoints = {"echo": echo, "lobby": lobby, "items": item, "rooms": room_chat}
+    return {group: _Endpoint(endpoint) for group, endpoint in endpoints.items() if group in groups}
 
 
 # ---------------------------------------------------------------------------
@@ -3701,6 +3726,65 @@ class _ServerTransport:
         return getattr(self._transport, name)
 
 
+class _SmallQueue:
+    """What uvicorn's protocol uses of an asyncio.Queue (``put_nowait``, ``get``, ``empty``),
+    for one consumer: a list and at most one future. An asyncio.Queue is three deques,
+    ~2.5 KB held by every open socket, for what is here (frames going to
+    ``take_frames``) the connect event and the disconnect."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.pop(0)
+
+    def empty(self) -> bool:
+        return not self._items
+
+
+class _SmallEvent:
+    """What uvicorn's protocol uses of an asyncio.Event (``set``, ``clear``, ``is_set``,
+    ``wait``), with one future instead of a deque of waiters (~0.7 KB per socket)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return await waiter
+
+
 class _LostTransport:
     """What a _ServerTransport forwards to once its connection is lost: closed, and empty."""
 
@@ -3744,21 +3828,25 @@ def bounded_http_protocol(**kwargs: Any) -> asyncio.Protocol:
     return protocol_class(**kwargs)
 
 
-# What the subclasses below rely on in uvicorn, checked against uvicorn 0.52.1 to 0.54.0
-# (the websockets-sansio protocol exists from 0.35, but `writable`, `disconnected` and
-# `pause_writing` only from 0.52.1). They override connection_made, connection_lost,
-# data_received, pause_writing, resume_writing, handle_connect, handle_ping,
-# send_receive_event_to_app, shutdown and send; they read the instance attributes named
-# below, call handle_parser_exception and stop_keepalive, and use websockets'
-# ServerProtocol (state, data_to_send, send_close; websockets 13 to 17), and drop the
-# handshake's request and response once accepted (uvicorn reads them only until then). Where any of it
-# is missing, uvicorn's own protocol is used, with a warning: it works, without the
-# fast path and without the per-connection bounds of SPEC section 7.
+# What the subclasses below rely on, checked against uvicorn 0.52.1 to 0.54.0 and websockets
+# 14.1 to 17.4 (the websockets-sansio protocol exists from uvicorn 0.35, but `disconnected`,
+# `close_timeout` and `pause_writing` only from 0.52.1):
+# * WebSocketsSansIOProtocol: they override the methods in _SANSIO_NEEDS, read the instance
+#   attributes in _SANSIO_ATTRIBUTES, replace `queue` and `writable` with smaller stand-ins
+#   offering what the protocol uses of them (put_nowait/get/empty, set/clear/is_set/wait),
+#   drop `request` and `response` once the handshake is accepted (read only until then),
+#   and call handle_parser_exception and stop_keepalive;
+# * websockets' ServerProtocol (`conn`): state, extensions, data_to_send, send_close, and
+#   `parser`, the generator closed when the connection is lost;
+# * HttpToolsProtocol: the methods in _HTTPTOOLS_NEEDS, `parser` dropped after an upgrade.
+# Where any of it is missing, uvicorn's own protocol is used, with a warning: it works,
+# without the fast path and without the per-connection bounds of SPEC section 7.
 _SANSIO_NEEDS = ("connection_made", "connection_lost", "data_received", "pause_writing", "resume_writing",
                  "handle_connect", "handle_ping", "send_receive_event_to_app", "shutdown", "send",
                  "handle_parser_exception", "stop_keepalive")
 _SANSIO_ATTRIBUTES = ("transport", "loop", "conn", "connections", "close_sent", "disconnected", "handshake_complete",
-                      "initial_response", "writable", "close_timeout", "frames", "curr_msg_data_type", "logger")
+                      "initial_response", "writable", "close_timeout", "frames", "curr_msg_data_type", "logger",
+                      "queue")
 _HTTPTOOLS_NEEDS = ("connection_made", "connection_lost", "data_received", "on_headers_complete",
                     "on_response_complete", "handle_websocket_upgrade")
 _HTTPTOOLS_ATTRIBUTES = ("transport", "loop", "pipeline", "logger", "parser")
@@ -3813,6 +3901,8 @@ def _websocket_protocol_class() -> type | None:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self.queue = _SmallQueue()                # smaller stand-ins, held by every open socket
+            self.writable = _SmallEvent()
             self.close_timeout = CLOSE_TIMEOUT        # uvicorn waits 10 s for the peer's close reply
             self.attached: AttachedConnection | None = None
             self.pushing = False                      # frames go to attached.frame_received (take_frames)
@@ -3835,7 +3925,8 @@ def _websocket_protocol_class() -> type | None:
             scope = getattr(self, "scope", None)
             if scope is not None:
                 scope["extensions"].pop(SERVER_EXTENSION, None)
-                scope.pop(RAW_SEND, None)   # this protocol's own send, recorded by _Endpoint
+                scope.pop(RAW_SEND, None)      # this protocol's own send and receive, recorded by _Endpoint
+                scope.pop(RAW_RECEIVE, None)
             with contextlib.suppress(Exception):
                 self.conn.parser.close()
 
