@@ -3859,6 +3859,14 @@ def _lacks(cls: type, methods: Iterable[str], attributes: Iterable[str]) -> list
     return [name for name in methods if not hasattr(cls, name)] + [name for name in attributes if name not in assigned]
 
 
+def _usable(cls: type, methods: Iterable[str], attributes: Iterable[str]) -> bool:
+    """Whether wschat's subclass of ``cls`` can work here; if not, the log says what is missing."""
+    missing = _lacks(cls, methods, attributes)
+    if missing:
+        logger.warning("this uvicorn's %s lacks %s: using uvicorn's own", cls.__name__, ", ".join(missing))
+    return not missing
+
+
 @functools.lru_cache(maxsize=None)
 def _websocket_protocol_class() -> type | None:
     try:
@@ -3869,12 +3877,9 @@ def _websocket_protocol_class() -> type | None:
     except ImportError as exc:
         logger.warning("uvicorn's websockets-sansio protocol is unavailable (%s): using uvicorn's own", exc)
         return None
-    missing = _lacks(WebSocketsSansIOProtocol, _SANSIO_NEEDS, _SANSIO_ATTRIBUTES)
-    if missing:
-        logger.warning("this uvicorn's websockets-sansio protocol lacks %s: using uvicorn's own", ", ".join(missing))
+    if not _usable(WebSocketsSansIOProtocol, _SANSIO_NEEDS, _SANSIO_ATTRIBUTES):
         return None
-
-    open_state = State.OPEN   # looked up once: this is checked per recipient of every message
+    open_state = State.OPEN
 
     def wire(message: dict) -> bytes:
         # Server frames are unmasked and compression is off: the bytes are the same for
@@ -3985,7 +3990,7 @@ def _websocket_protocol_class() -> type | None:
             return len(self.connections)
 
         def _plain_text_frames(self) -> bool:
-            # Cheapest tests first: this runs once per recipient of every message.
+            # Frames are ours to write: the handshake done, no extension, no close begun.
             return (not self.close_sent and not self.disconnected and self.handshake_complete
                     and self.initial_response is None and not self.conn.extensions
                     and self.conn.state is open_state)
@@ -4078,9 +4083,7 @@ def _http_protocol_class() -> type | None:
     except ImportError as exc:   # no httptools: uvicorn's h11 protocol bounds head size only
         logger.info("httptools unavailable (%s): request heads are bounded in size, not in time", exc)
         return None
-    missing = _lacks(HttpToolsProtocol, _HTTPTOOLS_NEEDS, _HTTPTOOLS_ATTRIBUTES)
-    if missing:
-        logger.warning("this uvicorn's httptools protocol lacks %s: using uvicorn's own", ", ".join(missing))
+    if not _usable(HttpToolsProtocol, _HTTPTOOLS_NEEDS, _HTTPTOOLS_ATTRIBUTES):
         return None
 
     class BoundedHttpProtocol(HttpToolsProtocol):
