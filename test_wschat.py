@@ -30,6 +30,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -2958,6 +2959,30 @@ def test_sqlite_commits_are_grouped_and_the_event_loop_never_waits_on_the_disk(t
         assert [m["id"] for m in chat_messages(sock)] == list(range(1, 501))
         assert manager.broker._file.commits < 100, manager.broker._file.commits
         assert ticks > manager.broker._file.commits            # the loop ran while the file was written
+        await manager.stop()
+
+    run(body())
+
+
+def test_sqlite_a_join_while_a_message_is_being_written_gets_it_once(tmp_path):
+    """A message has its id before its commit: a client joining in between is told the replay ends before it,
+    and receives it live once committed (neither lost nor twice)."""
+    async def body() -> None:
+        manager = ConnectionManager(Settings(broker=sqlite_url(tmp_path / "chat.db"), presence_interval=60))
+        await enter(manager, "g", "reader")
+        await manager.publish("g", "first")
+        disk = threading.Event()
+        stalled = manager.broker._file.read(lambda db: disk.wait(10))   # the file's thread is busy
+        publishing = asyncio.ensure_future(manager.publish("g", "second"))
+        await wait_for_condition(lambda: manager.broker._rooms["g"].pending == 1)
+        joiner, _ = await enter(manager, "g", "late", since=0)
+        welcome = next(f for f in joiner.frames() if f["type"] == "welcome")
+        assert welcome["last_id"] == 1
+        disk.set()
+        await stalled
+        assert (await publishing)["id"] == 2
+        await wait_for_condition(lambda: len(chat_messages(joiner)) >= 2)
+        assert [m["text"] for m in chat_messages(joiner)] == ["first", "second"]
         await manager.stop()
 
     run(body())

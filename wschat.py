@@ -1789,10 +1789,11 @@ def broker_from_url(url: str, *, history: int = 100, max_rooms: int = 10_000, re
 class _MemoryRoom:
     epoch: str
     retained: deque              # (id, frame): kept as the frame alone, nothing for the GC to walk
-    last_id: int = 0
+    last_id: int = 0             # the newest id given out
     members: dict[str, None] = field(default_factory=dict)
     subscribers: int = 0         # managers' subscriptions (one per local Room)
     pending: int = 0             # writes not yet committed (SQLite)
+    committed_id: int = 0        # SQLite: the newest id committed, so seen; ids above it are being written
 
 
 class MemoryBroker:
@@ -2235,7 +2236,8 @@ class SQLiteBroker(MemoryBroker):
         found = await self._file.read(query)
         if found is not None and name not in self._rooms:
             epoch, last_id, frames = found
-            room = self._rooms[name] = _MemoryRoom(epoch=epoch, retained=deque(maxlen=self._history), last_id=last_id)
+            room = self._rooms[name] = _MemoryRoom(epoch=epoch, retained=deque(maxlen=self._history),
+                                                   last_id=last_id, committed_id=last_id)
             room.retained.extend((message_id, frame) for message_id, frame in frames)
 
     def _forget_if_idle(self, name: str) -> None:
@@ -2267,6 +2269,7 @@ class SQLiteBroker(MemoryBroker):
         sequence = self._rooms.get(room)
         if kind == "message" and sequence is not None:
             _, frame, message = rest
+            sequence.committed_id = message["id"]
             if self._history:
                 sequence.retained.append((message["id"], frame))
             self._listener.deliver(room, message, frame, sequence.epoch)  # type: ignore[union-attr]
@@ -2278,7 +2281,10 @@ class SQLiteBroker(MemoryBroker):
         sequence = await self._loaded(room, create=False)
         if sequence is None:
             return "", 0, []
-        result = sequence.epoch, sequence.last_id, list(sequence.retained)
+        # The committed id, not the last one given out: a message still being written is
+        # not in the replay, so a join must not be told its replay covers it; it arrives
+        # live once committed.
+        result = sequence.epoch, sequence.committed_id, list(sequence.retained)
         self._forget_if_idle(room)
         return result
 
