@@ -256,6 +256,59 @@ async def join(url: str, **kwargs: Any) -> tuple[Client, dict]:
 @pytest.fixture
 def redis_server(tmp_path: pathlib.Path):
     """A private redis-server on a free port, without persistence; stopped by PID."""
+    server = RedisProcess(redis_binary(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class RedisProcess:
+    """One redis-server (or, given its command, a sentinel) on a free port; stopped by PID."""
+
+    def __init__(self, binary: str, directory: pathlib.Path) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.extra: list[str] = []
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10, command: list[str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            command or [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(self.directory), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing written or said."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def redis_binary() -> str:
+    """redis-server and the redis package, or a skip (a failure with WSCHAT_REQUIRE_REDIS=1)."""
     binary = shutil.which("redis-server")
     if binary is None:
         if REQUIRE_REDIS:
@@ -267,44 +320,161 @@ def redis_server(tmp_path: pathlib.Path):
         if REQUIRE_REDIS:
             pytest.fail("the redis package is required (WSCHAT_REQUIRE_REDIS=1): pip install -e '.[test,redis]'")
         pytest.skip("the redis package is not installed")
-    server = RedisProcess(binary, tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    return binary
 
 
-class RedisProcess:
+def redis_command(port: int, *command: Any) -> Any:
+    """One command to one redis-server on 127.0.0.1, its reply as Redis sent it (no cluster
+    routing, none of redis-py's parsing: INFO is text, CLUSTER SLOTS nested lists)."""
+    import redis
+    with redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5) as plain:
+        plain.response_callbacks.clear()
+        return plain.execute_command(*command)
+
+
+class SentinelSet:
+    """A master, a replica and three sentinels watching them (service ``wschat``), on
+    127.0.0.1; every process stopped by PID. Failover is quick: a master is taken
+    for down after 1 s."""
+
+    SERVICE = "wschat"
+
     def __init__(self, binary: str, directory: pathlib.Path) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
+        self.master = RedisProcess(binary, directory / "master")
+        self.replica = RedisProcess(binary, directory / "replica")
+        self.sentinels = [RedisProcess(binary, directory / f"sentinel-{n}") for n in range(3)]
+        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return f"redis+sentinel://{hosts}/0/{self.SERVICE}"
 
-    def start(self, timeout: float = 10) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return
-            time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
+    def start(self) -> None:
+        self.master.start()
+        self.replica.start()
+        for sentinel in self.sentinels:
+            config = sentinel.directory / "sentinel.conf"
+            config.write_text(f"port {sentinel.port}\nbind 127.0.0.1\ndir {sentinel.directory}\n"
+                              f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 2\n"
+                              f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                              f"sentinel failover-timeout {self.SERVICE} 5000\n")
+            sentinel.start(command=[sentinel.binary, str(config), "--sentinel"])
+        deadline = time.monotonic() + 30
+        while not self._settled():   # replica in sync, and the sentinels know it and each other
+            assert time.monotonic() < deadline, "the sentinel set did not settle"
+            time.sleep(0.1)
+
+    def _settled(self) -> bool:
+        if "master_link_status:up" not in redis_command(self.replica.port, "INFO", "replication"):
+            return False
+        for sentinel in self.sentinels:
+            state = redis_command(sentinel.port, "SENTINEL", "MASTER", self.SERVICE)
+            state = dict(zip(state[::2], state[1::2])) if isinstance(state, list) else state
+            if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < 2:
+                return False
+        return True
+
+    def current_master(self) -> int:
+        host, port = redis_command(self.sentinels[0].port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+        return int(port)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        for process in (*self.sentinels, self.replica, self.master):
+            process.stop()
+
+
+class RedisCluster:
+    """Three masters, each with one replica, as a Redis Cluster on 127.0.0.1 (bus ports
+    chosen free too); a replica takes over within about 2 s of its master's death."""
+
+    def __init__(self, binary: str, directory: pathlib.Path) -> None:
+        self.nodes = [RedisProcess(binary, directory / f"node-{n}") for n in range(6)]
+        for node in self.nodes:
+            node.extra = ["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                          "--cluster-config-file", str(node.directory / "nodes.conf"),
+                          "--cluster-node-timeout", "1000"]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port},127.0.0.1:{self.nodes[1].port}/"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                        "--cluster-replicas", "1", "--cluster-yes"], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not all("cluster_state:ok" in redis_command(node.port, "CLUSTER", "INFO") for node in self.alive()):
+            assert time.monotonic() < deadline, "the cluster is not ok"
+            time.sleep(0.1)
+
+    def alive(self) -> list[RedisProcess]:
+        return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+
+    def masters(self) -> dict[int, str]:
+        """port -> node id of every live master that owns slots."""
+        found = {}
+        for line in redis_command(self.alive()[0].port, "CLUSTER", "NODES").splitlines():
+            node_id, address, flags, *_, = line.split()[:3]
+            if "master" in flags and "fail" not in flags and len(line.split()) > 8:
+                found[int(address.split("@")[0].rsplit(":", 1)[1])] = node_id
+        return found
+
+    def owner(self, key: str) -> int:
+        """The port of the master that owns ``key``'s slot."""
+        slot = redis_command(self.alive()[0].port, "CLUSTER", "KEYSLOT", key)
+        for start, end, (host, port, *_), *_ in redis_command(self.alive()[0].port, "CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(port)
+        raise AssertionError(f"no master owns slot {slot}")
+
+    def flush(self) -> None:
+        for port in self.masters():
+            redis_command(port, "FLUSHALL")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_set(tmp_path_factory: pytest.TempPathFactory):
+    servers = SentinelSet(redis_binary(), tmp_path_factory.mktemp("sentinel"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
+    cluster = RedisCluster(redis_binary(), tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["single", "sentinel", "cluster"])
+def any_redis(request: pytest.FixtureRequest):
+    """Each test that takes it runs three times: on one redis-server, on the Sentinel set
+    (through the sentinels), and on the Cluster; emptied first, so every test starts clean."""
+    if request.param == "single":
+        yield request.getfixturevalue("redis_server")
+        return
+    shared = request.getfixturevalue("sentinel_set" if request.param == "sentinel" else "redis_cluster")
+    if request.param == "sentinel":
+        redis_command(shared.current_master(), "FLUSHALL")
+    else:
+        shared.flush()
+    yield shared
 
 
 @pytest.fixture
@@ -4557,9 +4727,9 @@ def ids_of(frames: list[dict]) -> list[int]:
 
 # ---- Scale-out: messages across processes ----
 
-def test_redis_two_processes_chat_both_ways_in_one_id_sequence(serve, redis_server):
+def test_redis_two_processes_chat_both_ways_in_one_id_sequence(serve, any_redis):
     """Clients on two processes chat both ways; everyone sees the same gapless, increasing ids."""
-    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+    a, b = redis_node(serve, any_redis), redis_node(serve, any_redis)
 
     async def body() -> None:
         alice, _ = await join(room_url(a, "r", "alice"))
@@ -4609,9 +4779,9 @@ def test_redis_lobby_text_view_and_room_view_meet_across_processes(serve, redis_
     run(body(), 30)
 
 
-def test_redis_concurrent_publishers_on_three_processes_share_one_order(serve, redis_server):
+def test_redis_concurrent_publishers_on_three_processes_share_one_order(serve, any_redis):
     """3 publishers x 50 messages on 3 processes: everyone gets all 150 once, in one gapless id order."""
-    nodes = [redis_node(serve, redis_server, "--rate", "0") for _ in range(3)]
+    nodes = [redis_node(serve, any_redis, "--rate", "0") for _ in range(3)]
 
     async def body() -> None:
         members = [(await join(room_url(node, "busy", f"p{i}")))[0] for i, node in enumerate(nodes)]
@@ -4637,9 +4807,9 @@ def test_redis_concurrent_publishers_on_three_processes_share_one_order(serve, r
     run(body(), 60)
 
 
-def test_redis_direct_message_reaches_a_member_on_another_process(serve, redis_server):
+def test_redis_direct_message_reaches_a_member_on_another_process(serve, any_redis):
     """A direct message crosses processes to its recipient and back to its sender, nobody else, unstored."""
-    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+    a, b = redis_node(serve, any_redis), redis_node(serve, any_redis)
 
     async def body() -> None:
         alice, _ = await join(room_url(a, "r", "alice"))
@@ -4664,9 +4834,9 @@ def test_redis_direct_message_reaches_a_member_on_another_process(serve, redis_s
 
 # ---- Scale-out: recovery, history and the HTTP API across processes ----
 
-def test_redis_reconnect_with_since_on_another_process_recovers_the_gap(serve, redis_server):
+def test_redis_reconnect_with_since_on_another_process_recovers_the_gap(serve, any_redis):
     """A client that leaves process A resumes on process B with since+epoch and gets exactly what it missed."""
-    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+    a, b = redis_node(serve, any_redis), redis_node(serve, any_redis)
 
     async def body() -> None:
         alice, welcome = await join(room_url(a, "r", "alice"))
@@ -4704,9 +4874,9 @@ def test_redis_reconnect_with_since_on_another_process_recovers_the_gap(serve, r
     run(body(), 30)
 
 
-def test_redis_http_api_gives_the_same_answers_on_every_process(serve, redis_server):
+def test_redis_http_api_gives_the_same_answers_on_every_process(serve, any_redis):
     """GET /rooms, members, messages and /stats agree across processes sharing one Redis."""
-    a, b = redis_node(serve, redis_server), redis_node(serve, redis_server)
+    a, b = redis_node(serve, any_redis), redis_node(serve, any_redis)
 
     async def body() -> None:
         alice, _ = await join(room_url(a, "r", "alice"))
@@ -4731,7 +4901,7 @@ def test_redis_http_api_gives_the_same_answers_on_every_process(serve, redis_ser
             assert [m["text"] for m in page["messages"]] == ["two"]
             status, stats = await ahttp("GET", node.url + "/stats")
             assert status == 200 and stats["connections"] == (2 if node is a else 1)
-            assert stats["broker"] == {"url": redis_server.url, "ok": True, "status": "ok"}
+            assert stats["broker"] == {"url": any_redis.url, "ok": True, "status": "ok"}
         pages = [(await ahttp("GET", node.url + "/rooms/r/messages"))[1] for node in (a, b)]
         assert pages[0] == pages[1]
         for member in (alice, bob, solo):
@@ -4776,10 +4946,10 @@ def test_redis_keys_stay_bounded_and_expire(serve, redis_server):
         await alice.messages(20)
         store = redis.Redis.from_url(redis_server.url, decode_responses=True)
         try:
-            await wait_for_condition(lambda: store.zcard("wschat:room:r:members") == 1, 10)
-            history = store.lrange("wschat:room:r:history", 0, -1)
+            await wait_for_condition(lambda: store.zcard("wschat:{r}:members") == 1, 10)
+            history = store.lrange("wschat:{r}:history", 0, -1)
             assert [json.loads(frame)["id"] for frame in history] == [16, 17, 18, 19, 20]
-            assert store.ttl("wschat:room:r:members") > 0
+            assert store.ttl("wschat:{r}:members") > 0
         finally:
             store.close()
         await alice.close()
@@ -4789,10 +4959,10 @@ def test_redis_keys_stay_bounded_and_expire(serve, redis_server):
 
 # ---- Scale-out: presence across processes ----
 
-def test_redis_presence_crosses_processes_and_a_killed_process_expires(serve, redis_server):
+def test_redis_presence_crosses_processes_and_a_killed_process_expires(serve, any_redis):
     """A join on B reaches A as presence; after B is SIGKILLed its members leave A within ttl + ttl/3."""
     ttl = 2.0
-    a, b = redis_node(serve, redis_server, ttl=ttl), redis_node(serve, redis_server, ttl=ttl)
+    a, b = redis_node(serve, any_redis, ttl=ttl), redis_node(serve, any_redis, ttl=ttl)
 
     async def body() -> None:
         alice, _ = await join(room_url(a, "r", "alice"))
@@ -4851,10 +5021,10 @@ def test_redis_lost_while_running_reports_503_and_recovers(serve, redis_server):
 
 # ---- Scale-out: a busy or stalled Redis ----
 
-def test_redis_a_thousand_simultaneous_joins_all_get_their_welcome(serve, redis_server):
+def test_redis_a_thousand_simultaneous_joins_all_get_their_welcome(serve, any_redis):
     """1,000 room joins at once on a healthy Redis all succeed (redis-py's default pool failed about a third of
     300 with 1013 'Too many connections'), and /healthz stays 200 throughout."""
-    node = redis_node(serve, redis_server, "--max-connections", "2000")
+    node = redis_node(serve, any_redis, "--max-connections", "2000")
 
     async def one(i: int) -> Any:
         socket_ = await ws_connect(room_url(node, f"storm{i % 10}", f"c{i}"), open_timeout=60, close_timeout=2)
@@ -4949,11 +5119,11 @@ async def kick(user: str):
 '''
 
 
-def test_redis_kick_and_delete_reach_every_process(serve, redis_server, tmp_path):
+def test_redis_kick_and_delete_reach_every_process(serve, any_redis, tmp_path):
     """kick() on one process closes the client's connections on another (it returns what it closed itself);
     delete_message() removes the message from the shared history and every process's members are told."""
     (tmp_path / "kickapp.py").write_text(KICK_APP)
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}", "REDIS_URL": redis_server.url}
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}", "REDIS_URL": any_redis.url}
     node_a, node_b = (serve(command=[sys.executable, "-m", "uvicorn", "kickapp:app"], cwd=tmp_path, env=env)
                       for _ in range(2))
     for node in (node_a, node_b):
@@ -5089,6 +5259,226 @@ def test_cli_workers_with_memory_broker_is_refused():
                              "--workers", "2"], capture_output=True, text=True, timeout=30, cwd=HERE)
     assert result.returncode != 0
     assert "--workers" in result.stderr and "redis://" in result.stderr
+
+
+# ---- Beyond one Redis: Sentinel and Cluster ----
+
+@pytest.fixture
+def own_sentinel_set(tmp_path: pathlib.Path):
+    """A Sentinel set of this test's own, for a test that kills its master."""
+    servers = SentinelSet(redis_binary(), tmp_path / "sentinel-set")
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: pathlib.Path):
+    """A Cluster of this test's own, for a test that kills a master or moves slots."""
+    cluster = RedisCluster(redis_binary(), tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def resume(server: ServerProcess, room: str, client_id: str, welcome: dict, last_id: int) -> tuple[Client, dict]:
+    return await join(room_url(server, room, client_id, since=last_id, epoch=welcome["epoch"]))
+
+
+def test_sentinel_failover_is_followed_without_restart(serve, own_sentinel_set):
+    """SIGKILL the master under two processes: publishers get error frames, /healthz 503, room
+    clients 1012; once a sentinel promotes the replica, clients resume with since on the same
+    processes, every replicated message kept, and the sequence goes on."""
+    servers = own_sentinel_set
+    a, b = redis_node(serve, servers), redis_node(serve, servers)
+
+    async def body() -> None:
+        alice, welcome = await join(room_url(a, "r", "alice"))
+        bob, _ = await join(room_url(b, "r", "bob"))
+        for n in range(5):
+            await alice.send(f"before {n}")
+        assert ids_of(await bob.messages(5)) == ids_of(await alice.messages(5)) == [1, 2, 3, 4, 5]
+        old_master = servers.current_master()
+        assert redis_command(old_master, "WAIT", 1, 5000) == 1   # all five are on the replica
+        servers.master.kill()
+        await alice.send("while there is no master")
+        error = await alice.recv_until(lambda f: f["type"] in ("error", "message"), 10)
+        assert error["type"] == "error" and "broker" in error["error"]
+        for node in (a, b):
+            down = await wait_for_condition(lambda: _health(node, 503), 15)
+            assert "redis" in down["reason"]
+        for member in (alice, bob):
+            assert (await member.closed(30))[0] == 1012
+        for node in (a, b):
+            await wait_for_condition(lambda: _health(node, 200), 30)
+        assert servers.current_master() == servers.replica.port
+
+        alice, again = await resume(a, "r", "alice", welcome, 5)
+        bob, again_b = await resume(b, "r", "bob", welcome, 5)
+        assert (again["recovered"], again["last_id"]) == (again_b["recovered"], again_b["last_id"]) == (True, 5)
+        await alice.send("after")
+        for member in (alice, bob):
+            assert [(m["id"], m["text"]) for m in await member.messages(1)] == [(6, "after")]
+        status, page = await ahttp("GET", b.url + "/rooms/r/messages")
+        assert [m["text"] for m in page["messages"]] == [f"before {n}" for n in range(5)] + ["after"]
+        await alice.close()
+        await bob.close()
+
+    run(body(), 90)
+    for node in (a, b):
+        assert node.process.poll() is None and "Traceback" not in node.log
+
+
+def rooms_on_each_master(cluster: RedisCluster, count: int = 1) -> dict[int, list[str]]:
+    """Room names whose slots land on each master: {master port: [room, ...]}."""
+    found: dict[int, list[str]] = {port: [] for port in cluster.masters()}
+    for n in range(1000):
+        owner = found.get(cluster.owner(f"wschat:{{room{n}}}:seq"))
+        if owner is not None and len(owner) < count:
+            owner.append(f"room{n}")
+        if all(len(rooms) == count for rooms in found.values()):
+            return found
+    raise AssertionError(f"could not place rooms on every master: {found}")
+
+
+def shard_subscribers(cluster: RedisCluster, room: str) -> dict[int, int]:
+    """How many connections each master has subscribed to the room's shard channel."""
+    channel = f"wschat:{{{room}}}:channel"
+    return {port: int(redis_command(port, "PUBSUB", "SHARDNUMSUB", channel)[1]) for port in cluster.masters()}
+
+
+def test_cluster_each_room_lives_on_its_own_master_and_only_where_it_has_members(serve, redis_cluster):
+    """Rooms spread over the three masters; a room's shard channel is subscribed only on the
+    master owning its slot, and only by processes that have members in it (until they leave)."""
+    redis_cluster.flush()
+    a, b = redis_node(serve, redis_cluster), redis_node(serve, redis_cluster)
+    placed = rooms_on_each_master(redis_cluster)
+
+    async def body() -> None:
+        for port, (room,) in placed.items():
+            alice, _ = await join(room_url(a, room, "alice"))
+            bob, _ = await join(room_url(b, room, "bob"))
+            await alice.send(f"hello {room}")
+            assert [(m["id"], m["text"]) for m in await bob.messages(1)] == [(1, f"hello {room}")]
+            expected = {other: (2 if other == port else 0) for other in placed}
+            assert shard_subscribers(redis_cluster, room) == expected
+            await bob.close()   # b has nobody left there: it unsubscribes, a stays
+            await wait_for_condition(lambda: shard_subscribers(redis_cluster, room)[port] == 1, 10)
+            assert redis_command(port, "HGET", f"wschat:{{{room}}}:seq", "id") == "1"
+            await alice.close()
+
+    run(body(), 60)
+    for node in (a, b):
+        assert "Traceback" not in node.log
+
+
+def move_slot(cluster: RedisCluster, key: str, to_port: int) -> None:
+    """Migrate ``key``'s slot, keys and all, to the master on ``to_port`` (what resharding does)."""
+    masters = cluster.masters()
+    source = cluster.owner(key)
+    slot = redis_command(source, "CLUSTER", "KEYSLOT", key)
+    redis_command(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", masters[source])
+    redis_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", masters[to_port])
+    keys = redis_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    if keys:
+        redis_command(source, "MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+    for port in masters:
+        redis_command(port, "CLUSTER", "SETSLOT", slot, "NODE", masters[to_port])
+
+
+def test_cluster_slot_migration_moves_the_room_and_its_clients_resume(serve, own_cluster):
+    """Reshard a room's slot to another master under two processes: they subscribe it there,
+    their clients are told 1012 and resume with since, and ids go on from where they were."""
+    a, b = redis_node(serve, own_cluster), redis_node(serve, own_cluster)
+    room = "moving"
+    key = f"wschat:{{{room}}}:seq"
+
+    async def body() -> None:
+        alice, welcome = await join(room_url(a, room, "alice"))
+        bob, _ = await join(room_url(b, room, "bob"))
+        for n in range(3):
+            await alice.send(f"before {n}")
+        assert ids_of(await bob.messages(3)) == ids_of(await alice.messages(3)) == [1, 2, 3]
+        source = own_cluster.owner(key)
+        target = next(port for port in own_cluster.masters() if port != source)
+        move_slot(own_cluster, key, target)
+        for member in (alice, bob):
+            assert (await member.closed(15))[0] == 1012
+        alice, again = await resume(a, room, "alice", welcome, 3)
+        bob, _ = await resume(b, room, "bob", welcome, 3)
+        assert (again["recovered"], again["last_id"]) == (True, 3)
+        subscribed = shard_subscribers(own_cluster, room)
+        assert (subscribed[target], subscribed[source]) == (2, 0)
+        await bob.send("after the move")
+        for member in (alice, bob):
+            assert [(m["id"], m["text"]) for m in await member.messages(1)] == [(4, "after the move")]
+        await alice.close()
+        await bob.close()
+
+    run(body(), 60)
+    for node in (a, b):
+        assert "Traceback" not in node.log
+
+
+def test_cluster_killed_master_during_traffic_fails_over_and_nothing_replicated_is_lost(serve, own_cluster):
+    """A publisher posts every 20 ms while the master owning its room is SIGKILLed: posts get 201
+    or 503, never a hang; the replica takes over; clients are told 1012 and resume with since;
+    every post acknowledged before the last WAIT is there once, in strictly increasing ids."""
+    a, b = redis_node(serve, own_cluster, "--rate", "0"), redis_node(serve, own_cluster, "--rate", "0")
+    room = "busy"
+    owner = own_cluster.owner(f"wschat:{{{room}}}:seq")
+    victim = next(node for node in own_cluster.nodes if node.port == owner)
+
+    async def body() -> None:
+        alice, welcome = await join(room_url(a, room, "alice"))
+        bob, _ = await join(room_url(b, room, "bob"))
+        acknowledged: list[int] = []
+        refused = 0
+        stop = asyncio.Event()
+
+        async def publish() -> None:
+            nonlocal refused
+            n = 0
+            while not stop.is_set():
+                status, stored = await ahttp("POST", f"{a.url}/rooms/{room}/messages", {"text": f"m{n}"})
+                if status == 201:
+                    acknowledged.append(stored["id"])
+                else:
+                    assert status == 503, (status, stored)
+                    refused += 1
+                n += 1
+                await asyncio.sleep(0.02)
+
+        publisher = asyncio.ensure_future(publish())
+        await wait_for_condition(lambda: len(acknowledged) >= 20, 10)
+        assert redis_command(owner, "WAIT", 1, 5000) == 1
+        replicated = list(acknowledged)
+        victim.kill()
+        seen_by_bob = await bob.messages(len(replicated), 10)
+        assert ids_of(seen_by_bob) == replicated == list(range(1, len(replicated) + 1))
+        for member in (alice, bob):
+            assert (await member.closed(30))[0] == 1012
+        await wait_for_condition(lambda: _health(a, 200), 30)
+        await wait_for_condition(lambda: len(acknowledged) >= len(replicated) + 10, 20)   # posting again
+        stop.set()
+        await publisher
+        assert refused > 0 and acknowledged == sorted(set(acknowledged))
+
+        alice, again = await resume(a, room, "alice", welcome, replicated[-1])
+        assert again["recovered"] is True and again["last_id"] >= acknowledged[-1]
+        status, page = await ahttp("GET", f"{b.url}/rooms/{room}/messages?since=0&limit=1000")
+        stored = ids_of(page["messages"])
+        assert stored == sorted(set(stored)) and set(replicated) <= set(stored)
+        assert set(acknowledged) - set(stored) == set() or max(set(acknowledged) - set(stored)) > replicated[-1]
+        await alice.close()
+
+    run(body(), 120)
+    for node in (a, b):
+        assert node.process.poll() is None and "Traceback" not in node.log
 
 
 # ---- Scale-out: the redis package is optional ----

@@ -56,7 +56,7 @@ import weakref
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 try:
     import fcntl
@@ -137,7 +137,7 @@ class NotAllowed(Reject):
 # ---------------------------------------------------------------------------
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-BROKER_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+BROKER_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 SINGLE_PROCESS_BROKERS = ("memory", "sqlite")
 
 
@@ -220,15 +220,12 @@ def _require(condition: bool, name: str, value: object, expected: str) -> None:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, safe to print and log."""
+    """The URL with its password replaced by ***, safe to print and log (several hosts too)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}"))
 
 
 ROUTE_GROUPS = frozenset({"page", "api", "rooms", "lobby", "echo", "items"})
@@ -2314,23 +2311,251 @@ def _sqlite_path(url: str) -> tuple[str, str]:
     return parts.path[1:], synchronous
 
 
+class RedisShape(enum.Enum):
+    """Which kind of Redis a ``RedisBroker`` talks to, named by its URL's scheme."""
+
+    SINGLE = "redis"              # redis://, rediss://, unix://: one server
+    SENTINEL = "redis+sentinel"   # a master found, and followed through failovers, by Sentinel
+    CLUSTER = "redis+cluster"     # a Redis Cluster: rooms spread over its masters, sharded pub/sub
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where a ``RedisBroker``'s Redis is, read from the broker URL.
+
+    * ``redis://[:password@]host:port/db`` (also ``rediss://``, ``unix://``): one server;
+      ``url`` is handed to redis-py as it is;
+    * ``redis+sentinel://[:password@]host1:port1,host2:port2/DB/SERVICE``: the sentinels
+      and the service (master name) they watch; the password is the master's and the
+      replicas', the sentinels take none (python-socketio's form);
+    * ``redis+cluster://[:password@]host1:port1[,host2:port2...]/``: seed nodes of a
+      cluster, which tell the rest.
+
+    ``?presence_ttl=SECONDS`` on any of them is wschat's own option, removed from ``url``.
+    """
+
+    shape: RedisShape
+    url: str
+    hosts: tuple[tuple[str, int], ...] = ()
+    db: int = 0
+    service: str = ""
+    username: str | None = None
+    password: str | None = None
+    presence_ttl: float | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisAddress:
+        plain, ttl = _split_presence_ttl(url)
+        parts = urlsplit(plain)
+        if parts.scheme not in (RedisShape.SENTINEL.value, RedisShape.CLUSTER.value):
+            return cls(RedisShape.SINGLE, plain, presence_ttl=ttl)
+        shape = RedisShape(parts.scheme)
+        sentinel = shape is RedisShape.SENTINEL
+        form = ("redis+sentinel://[:password@]host:port[,host:port...]/DB/SERVICE" if sentinel
+                else "redis+cluster://[:password@]host:port[,host:port...]/")
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        username, _, password = userinfo.partition(":")
+        hosts = tuple(_host_and_port(item, 26379 if sentinel else 6379) for item in hostlist.split(",") if item)
+        path = [part for part in parts.path.split("/") if part]
+        shaped = (len(path) == 2 and path[0].isdigit()) if sentinel else path in ([], ["0"])
+        _require(bool(hosts) and None not in hosts and shaped, "broker", mask_url(url), form)
+        return cls(shape, plain, hosts, int(path[0]) if sentinel else 0, unquote(path[1]) if sentinel else "",
+                   unquote(username) or None, unquote(password) or None, ttl)
+
+
+def _host_and_port(item: str, default_port: int) -> tuple[str, int] | None:
+    """``host:port``, ``host`` or ``[::1]:port``; None when the port is not a port."""
+    host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+    if not colon or "]" in port:
+        host, port = item, str(default_port)
+    host = host.strip("[]")
+    return (host, int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None
+
+
+def _blocking_sentinel_pool() -> type:
+    """redis-py's SentinelConnectionPool with BlockingConnectionPool's waiting (see RedisBroker._new_client)."""
+    from redis.asyncio import BlockingConnectionPool
+    from redis.asyncio.sentinel import SentinelConnectionPool
+    return type("BlockingSentinelConnectionPool", (SentinelConnectionPool, BlockingConnectionPool), {})
+
+
+class SubscriberState(enum.Enum):
+    """The pub/sub connection of one ``_RedisSubscriber``.
+
+    ::
+
+        CONNECTING --confirmed--> LISTENING --lost--> RECONNECTING --confirmed--> LISTENING
+        (any) --no channels left (a Cluster master that owns none of our rooms)--> CLOSED
+    """
+
+    CONNECTING = "connecting"       # not connected yet: nothing was delivered, nothing missed
+    LISTENING = "listening"
+    RECONNECTING = "reconnecting"   # was listening: what was published meanwhile never reached us
+    CLOSED = "closed"
+
+
+class _RedisSubscriber:
+    """One pub/sub connection to one Redis server, and the channels it holds there.
+
+    On one server or a Sentinel master, one subscriber holds every channel. On a Cluster
+    there is one per master that owns a subscribed room's slot, holding that room's
+    channel with SSUBSCRIBE (sharded pub/sub). A channel is *stale* when messages
+    published on it may not have reached us: every channel of a connection that was
+    lost, and a channel that arrives from another subscriber (its slot moved, or its
+    master failed over). Once Redis confirms a stale channel, the broker asks the
+    room's clients to resume with ``since``.
+    """
+
+    def __init__(self, broker: RedisBroker, name: str, client: Any, *, sharded: bool) -> None:
+        self.broker, self.name = broker, name
+        self.channels: set[str] = set()
+        self.stale: set[str] = set()
+        self.state = SubscriberState.CONNECTING
+        self._client = client            # None: a Cluster whose slots are not known yet
+        self._sharded = sharded
+        self._pubsub: Any = None
+        self._confirmations: dict[str, asyncio.Future] = {}
+        self._task = asyncio.ensure_future(self._run())
+
+    async def add(self, channel: str) -> None:
+        """Subscribe ``channel`` and wait for Redis to confirm it; BrokerUnavailable if it cannot."""
+        confirmed = self._confirmations[channel] = asyncio.get_running_loop().create_future()
+        self.channels.add(channel)
+        try:
+            if self._pubsub is not None:
+                await self.broker._call(self._subscribe(self._pubsub, channel))
+            elif self.state is not SubscriberState.CONNECTING:
+                raise BrokerUnavailable(self.broker.health()[1])
+            # else: the connection being made subscribes every channel in self.channels
+            await self.broker._call(asyncio.wait_for(asyncio.shield(confirmed), 5))
+        except BaseException:
+            self.channels.discard(channel)
+            raise
+        finally:
+            self._confirmations.pop(channel, None)
+
+    def adopt(self, channel: str) -> None:
+        """Take over a channel from another subscriber; it is stale until confirmed here."""
+        self.channels.add(channel)
+        self.stale.add(channel)
+        if self._pubsub is not None:
+            self.broker._spawn(self._quietly(self._subscribe(self._pubsub, channel)))
+
+    async def remove(self, channel: str) -> None:
+        self.channels.discard(channel)
+        self.stale.discard(channel)
+        if not self.channels:   # a Cluster master none of our rooms live on any more
+            await self.close()
+        elif self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await (self._pubsub.sunsubscribe if self._sharded else self._pubsub.unsubscribe)(channel)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    def _subscribe(self, pubsub: Any, channel: str) -> Awaitable[Any]:
+        return pubsub.ssubscribe(channel) if self._sharded else pubsub.subscribe(channel)
+
+    @staticmethod
+    async def _quietly(job: Awaitable[Any]) -> None:
+        with contextlib.suppress(Exception):   # a lost connection is handled by _run
+            await job
+
+    async def _run(self) -> None:
+        """Hold the connection: reconnect with backoff, resubscribe, hand moved channels on."""
+        backoff = 0.1
+        try:
+            while True:
+                await self.broker._reroute(self)
+                if not self.channels:
+                    return
+                pubsub = None
+                try:
+                    if self._client is None:
+                        raise BrokerUnavailable("the cluster's slots are not known yet")
+                    pubsub = self._client.pubsub()
+                    self._pubsub = pubsub
+                    for channel in list(self.channels):
+                        await self._subscribe(pubsub, channel)
+                    while True:
+                        # A bounded wait: a blocking read would trip the socket timeout when idle.
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None and self._handle(message):
+                            backoff = 0.1
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.broker._failed(exc)
+                    if self.state is SubscriberState.LISTENING:
+                        self.state = SubscriberState.RECONNECTING
+                    if self.state is SubscriberState.RECONNECTING:
+                        self.stale |= self.channels
+                    self.broker._subscriber_failed(self)
+                finally:
+                    self._pubsub = None
+                    if pubsub is not None:
+                        with contextlib.suppress(Exception):
+                            await pubsub.aclose()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        finally:
+            self.state = SubscriberState.CLOSED
+            self.broker._subscriber_closed(self)
+            if self._client is not None and self._sharded:   # a Cluster master's own client
+                with contextlib.suppress(Exception):
+                    await self._client.aclose()
+
+    def _handle(self, message: dict) -> bool:
+        """One message from Redis; True when it confirmed a subscription."""
+        kind, channel = message["type"], message["channel"]
+        if kind in ("message", "smessage"):
+            try:
+                self.broker._dispatch(channel, message["data"])
+            except Exception:   # one bad message must not cost every room a resync
+                logger.exception("could not handle a message on %s", channel)
+            return False
+        if kind in ("subscribe", "ssubscribe"):
+            if self.state is not SubscriberState.LISTENING:
+                recovered = self.state is SubscriberState.RECONNECTING
+                self.state = SubscriberState.LISTENING
+                self.broker._subscriber_up(self, recovered)
+            confirmed = self._confirmations.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            if channel in self.stale:
+                self.stale.discard(channel)
+                self.broker._resync(channel)
+            return True
+        if kind in ("unsubscribe", "sunsubscribe") and channel in self.channels:
+            # Not asked for: Redis dropped the channel because its slot moved to another master.
+            self.channels.discard(channel)
+            self.broker._moved(channel)
+        return False
+
+
 class RedisBroker:
-    """Rooms shared by every process on one Redis: pub/sub fan-out, ids, history, presence.
+    """Rooms shared by every process on Redis: pub/sub fan-out, ids, history, presence.
 
-    Keys, for room R (all under ``wschat:``):
+    Three shapes of Redis (``RedisShape``, from the URL): one server, a Sentinel-watched
+    master, or a Cluster. All keys of room R share the hash tag ``{R}``, so on a Cluster
+    they live in one slot and the script that takes an id, stores and publishes runs
+    there (all under ``wschat:``):
 
-    * ``room:R`` hash: ``id``, the last message id (HINCRBY), and ``epoch``;
-    * ``room:R:history`` list: the last ``history`` frames, appended in the same Lua
+    * ``{R}:seq`` hash: ``id``, the last message id (HINCRBY), and ``epoch``;
+    * ``{R}:history`` list: the last ``history`` frames, appended in the same Lua
       script that takes the id and publishes, so ids, history and fan-out agree;
-    * ``room:R:sent:NONCE``: the id a publish got, kept ``RECEIPT_TTL`` seconds, so a
+    * ``{R}:sent:NONCE``: the id a publish got, kept ``RECEIPT_TTL`` seconds, so a
       retried script returns that id instead of storing the message again;
-    * ``room:R:members`` sorted set of ``"NODE CLIENT_ID"`` scored by expiry time,
+    * ``{R}:members`` sorted set of ``"NODE CLIENT_ID"`` scored by expiry time,
       refreshed by each process's heartbeat; a crashed process's members expire;
     * ``rooms`` sorted set of room names scored by expiry time.
 
-    Channels: ``wschat:room:R`` carries the room's messages, direct messages and
-    presence; ``wschat:nodes`` carries direct messages sent without a room. Payloads
-    on both start with one letter that says what follows:
+    Channels: ``wschat:{R}:channel`` carries the room's messages, direct messages and
+    presence; ``wschat:nodes`` carries direct messages sent without a room, and kicks.
+    On a Cluster both are shard channels (SPUBLISH/SSUBSCRIBE): a room's traffic stays
+    on the master that owns its slot and reaches only the processes subscribed there.
+    Payloads start with one letter that says what follows:
 
     * ``m<epoch> <frame>`` (``PAYLOAD_MESSAGE``): a stored message of the sequence
       ``epoch``; ``frame`` is the message frame exactly as clients receive it;
@@ -2341,39 +2566,40 @@ class RedisBroker:
     * ``k<json>`` (``PAYLOAD_KICK``, on ``wschat:nodes``): close a client's connections;
       the process that sent it ignores it (its manager already did).
 
-    Each process holds one pub/sub connection, subscribed to a room only while it has
-    members there. When that connection is lost the broker reconnects with backoff,
-    resubscribes, and asks its room clients to reconnect with ``since``, because
-    messages published meanwhile never reached it.
+    Subscriptions are held by ``_RedisSubscriber``s (one, or one per Cluster master),
+    each subscribed to a room only while this process has members there. A subscriber
+    whose connection is lost reconnects with backoff (on a Cluster, or through Sentinel,
+    to whichever master owns its rooms by then) and asks its rooms' clients to resume
+    with ``since``, because messages published meanwhile never reached it.
 
     A publish is stored at most once and, once its sender has been told "not
     delivered", never later: the script carries a nonce (retries return the first id)
     and a deadline in Redis's own clock, after which it refuses to run; the broker
-    gives up on the answer only after that deadline. A health probe asks Redis the
-    time every second on a connection of its own, so a Redis that stops answering
-    shows in ``/healthz`` within seconds, and the answer keeps the clock offset that
-    deadlines are written in.
+    gives up on the answer only after that deadline. A health probe asks Redis (every
+    master of a Cluster) the time every second on connections of its own, so a Redis
+    that stops answering shows in ``/healthz`` within seconds, and the answer keeps the
+    clock offset that deadlines are written in.
     """
 
     PREFIX = "wschat:"
-    ROOM_PREFIX = "wschat:room:"        # room:R keys, and the room's channel
     ROOMS = "wschat:rooms"
     NODES_CHANNEL = "wschat:nodes"
     PAYLOAD_MESSAGE, PAYLOAD_DIRECT, PAYLOAD_PRESENCE, PAYLOAD_DELETED, PAYLOAD_KICK = "m", "d", "p", "x", "k"
-    POOL_SIZE = 64              # connections per process; more callers wait their turn instead of failing
+    POOL_SIZE = 64              # connections per process (per master on a Cluster)
     POOL_WAIT = 5.0             # seconds a caller waits for a pooled connection
     PUBLISH_DEADLINE = 3.0      # seconds after sending, in Redis's clock, past which the script refuses to run
     PUBLISH_TIMEOUT = 4.5       # seconds the broker waits for the script's answer (after the deadline, with margin)
     RECEIPT_TTL = 10            # seconds a publish's nonce is remembered: longer than any retry
     HEALTH_INTERVAL = 1.0       # seconds between health probes
     HEALTH_TIMEOUT = 2.0        # a probe unanswered this long: /healthz says Redis is not answering
-    # KEYS: room hash, history, receipt. ARGV: a new epoch, frame head and tail, history
-    # size, channel, deadline (ms, Redis clock), receipt TTL. Returns {id, epoch}; id 0: too late.
+    # KEYS: room hash, history, receipt, channel. ARGV: a new epoch, frame head and tail,
+    # history size, deadline (ms, Redis clock), receipt TTL, PUBLISH or SPUBLISH.
+    # Returns {id, epoch}; id 0: too late.
     PUBLISH_SCRIPT = """
         local stored = redis.call('GET', KEYS[3])
         if stored then return {tonumber(stored), redis.call('HGET', KEYS[1], 'epoch')} end
         local now = redis.call('TIME')
-        if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then return {0, ''} end
+        if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[5]) then return {0, ''} end
         redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
         local id = redis.call('HINCRBY', KEYS[1], 'id', 1)
         if id == 1 then redis.call('DEL', KEYS[2]) end
@@ -2383,22 +2609,33 @@ class RedisBroker:
             redis.call('RPUSH', KEYS[2], frame)
             redis.call('LTRIM', KEYS[2], -keep, -1)
         end
-        redis.call('SET', KEYS[3], id, 'EX', ARGV[7])
+        redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
         local epoch = redis.call('HGET', KEYS[1], 'epoch')
-        redis.call('PUBLISH', ARGV[5], 'm' .. epoch .. ' ' .. frame)
+        redis.call(ARGV[7], KEYS[4], 'm' .. epoch .. ' ' .. frame)
         return {id, epoch}
     """
-    # KEYS: history. ARGV: the frame prefix that names the id, channel, id. Returns 1 when deleted.
+    # KEYS: history, channel. ARGV: the frame prefix that names the id, id, PUBLISH or SPUBLISH.
+    # Returns 1 when deleted.
     DELETE_SCRIPT = """
         for _, frame in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
             if string.sub(frame, 1, #ARGV[1]) == ARGV[1] then
                 redis.call('LREM', KEYS[1], 1, frame)
-                redis.call('PUBLISH', ARGV[2], 'x' .. ARGV[3])
+                redis.call(ARGV[3], KEYS[2], 'x' .. ARGV[2])
                 return 1
             end
         end
         return 0
     """
+    # KEYS: room hash, history. ARGV: an epoch to set if the room has none ('' to leave it).
+    # Returns {epoch, last id, frames}, read at one instant.
+    HISTORY_SCRIPT = """
+        if ARGV[1] ~= '' then redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) end
+        local seq = redis.call('HMGET', KEYS[1], 'epoch', 'id')
+        return {seq[1], seq[2], redis.call('LRANGE', KEYS[2], 0, -1)}
+    """
+    # KEYS: channel (it carries the room's hash tag, so a Cluster routes this to its shard).
+    # ARGV: payload. SPUBLISH from a pipeline of redis-py's Cluster client goes through it.
+    SPUBLISH_SCRIPT = "return redis.call('SPUBLISH', KEYS[1], ARGV[1])"
 
     def __init__(self, url: str, *, history: int = 100, presence_ttl: float | None = None) -> None:
         try:
@@ -2407,31 +2644,31 @@ class RedisBroker:
             raise RuntimeError("the Redis broker needs the redis package: pip install 'wschat[redis]'") from None
         self.url = url
         self._aioredis = aioredis
-        self._redis_url, url_ttl = _split_presence_ttl(url)
-        self.presence_ttl = presence_ttl or url_ttl or 15.0
+        self.address = RedisAddress.parse(url)
+        self.presence_ttl = presence_ttl or self.address.presence_ttl or 15.0
+        self._sharded = self.address.shape is RedisShape.CLUSTER
+        self._publish_command = "SPUBLISH" if self._sharded else "PUBLISH"
         self._history = history
         self._node = secrets.token_hex(6)
         self._listener: BrokerListener | None = None
         self._client: Any = None
-        self._pubsub: Any = None
-        self._script: Any = None
-        self._delete_script: Any = None
+        self._pubsub_client: Any = None   # one server or Sentinel: where subscribers connect
+        self._scripts: dict[str, Any] = {}
         self._tasks: set[asyncio.Task] = set()
         self._commands: asyncio.Queue[tuple[str, str, str]] | None = None
         self._subscription_lock: asyncio.Lock | None = None
         self._subscribed: set[str] = set()
-        self._confirmations: dict[str, asyncio.Future] = {}
+        self._subscribers: dict[str, _RedisSubscriber] = {}   # by Redis server, "host:port" on a Cluster
+        self._turns: asyncio.Semaphore | None = None          # a Cluster: callers at once, at most POOL_SIZE
         self._first_attempt: asyncio.Event | None = None
         self._view: dict[str, dict[str, set[str]]] = {}      # room -> client id -> nodes
-        self._listening = False          # the pub/sub connection is up and subscribed
-        self._lost = False               # it went down since: rooms need a resync
         self._error: str | None = None   # the last command's failure, until one succeeds
         self._stalled: str | None = None # the health probe's failure, until a probe is answered
         self._clock_offset = 0.0         # Redis's clock minus ours, from the health probe
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _new_client(self, *, pool_size: int | None = None) -> Any:
+    def _new_client(self, *, pool_size: int | None = None, retries: int = 1) -> Any:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
@@ -2439,10 +2676,46 @@ class RedisBroker:
         # broker decide: callers get an error frame, not a hang. A blocking pool makes a
         # burst of callers (a thousand joins at once) wait for a connection rather than
         # fail with "Too many connections", which redis-py's default pool does at 100.
-        pool = self._aioredis.BlockingConnectionPool.from_url(
-            self._redis_url, max_connections=pool_size or self.POOL_SIZE, timeout=self.POOL_WAIT,
-            decode_responses=True, retry=Retry(NoBackoff(), 1), socket_connect_timeout=2, socket_timeout=5)
-        return self._aioredis.Redis(connection_pool=pool)
+        # Subscribers take no retry at all: redis-py would reconnect and resubscribe
+        # quietly, and nobody would know that messages were missed meanwhile.
+        address, size = self.address, pool_size or self.POOL_SIZE
+        options = dict(decode_responses=True, retry=Retry(NoBackoff(), retries),
+                       socket_connect_timeout=2, socket_timeout=5)
+        if address.shape is RedisShape.SINGLE:
+            pool = self._aioredis.BlockingConnectionPool.from_url(
+                address.url, max_connections=size, timeout=self.POOL_WAIT, **options)
+            return self._aioredis.Redis(connection_pool=pool)
+        credentials = dict(username=address.username, password=address.password)
+        if address.shape is RedisShape.SENTINEL:
+            from redis.asyncio.sentinel import Sentinel
+            sentinels = Sentinel(list(address.hosts), sentinel_kwargs=dict(socket_connect_timeout=2, socket_timeout=2))
+            return sentinels.master_for(address.service, connection_pool_class=_blocking_sentinel_pool(),
+                                        max_connections=size, timeout=self.POOL_WAIT, db=address.db,
+                                        **credentials, **options)
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        # Its limit is per master, and a pipeline takes one connection on each: _turn
+        # keeps callers to `size` at once, so 2 x size is never reached.
+        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in address.hosts],
+                            max_connections=2 * size, **credentials, **options)
+
+    def _node_client(self, host: str, port: int) -> Any:
+        """A Cluster master's own one-connection client, for its subscriber."""
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        return self._aioredis.Redis(host=host, port=port, username=self.address.username,
+                                    password=self.address.password, decode_responses=True,
+                                    retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=5)
+
+    @staticmethod
+    async def _close_client(client: Any) -> None:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        pool = getattr(client, "connection_pool", None)
+        with contextlib.suppress(Exception):
+            if pool is not None:
+                await pool.disconnect()
+            if getattr(pool, "sentinel_manager", None) is not None:
+                await pool.sentinel_manager.aclose()
 
     async def ping(self) -> None:
         """Raise BrokerUnavailable unless Redis answers now (``serve`` checks this before starting)."""
@@ -2452,43 +2725,50 @@ class RedisBroker:
         except Exception as exc:
             raise BrokerUnavailable(_describe_error(exc)) from None
         finally:
-            with contextlib.suppress(Exception):
-                await client.aclose()
-                await client.connection_pool.disconnect()
+            await self._close_client(client)
 
     async def start(self, listener: BrokerListener) -> None:
         self._listener = listener
         self._client = self._new_client()
-        self._script = self._client.register_script(self.PUBLISH_SCRIPT)
-        self._delete_script = self._client.register_script(self.DELETE_SCRIPT)
+        if not self._sharded:
+            self._pubsub_client = self._new_client(pool_size=2, retries=0)
+        for name, source in (("publish", self.PUBLISH_SCRIPT), ("delete", self.DELETE_SCRIPT),
+                             ("history", self.HISTORY_SCRIPT)):
+            self._scripts[name] = self._client.register_script(source)
         self._commands = asyncio.Queue()
         self._subscription_lock = asyncio.Lock()
-        self._first_attempt = asyncio.Event()   # set once the listener connected or failed
-        for job in (self._listen(), self._run_commands(), self._heartbeat(), self._probe_health()):
-            task = asyncio.ensure_future(job)
-            self._tasks.add(task)
+        self._turns = asyncio.Semaphore(self.POOL_SIZE) if self._sharded else None
+        self._first_attempt = asyncio.Event()   # set once the first subscriber connected or failed
+        for job in (self._run_commands(), self._heartbeat(), self._probe_health()):
+            self._spawn(job)
+        if self._sharded:
+            with contextlib.suppress(Exception):   # unreachable: the subscriber keeps trying
+                await asyncio.wait_for(self._client.initialize(), 3)
+        self._subscriber_for(self.NODES_CHANNEL).channels.add(self.NODES_CHANNEL)
         # Be ready before the server accepts clients, but never block start-up for long:
         # an unreachable Redis is reported by /healthz and retried in the background.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._first_attempt.wait(), 3)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *(subscriber.close() for subscriber in list(self._subscribers.values())),
+                             return_exceptions=True)
         self._tasks.clear()
         with contextlib.suppress(Exception):   # best effort: others would expire us anyway
             await asyncio.wait_for(self._withdraw_members(), 2)
-        with contextlib.suppress(Exception):
-            await self._client.aclose()
-            await self._client.connection_pool.disconnect()
+        for client in (self._client, self._pubsub_client):
+            if client is not None:
+                await self._close_client(client)
 
     async def _withdraw_members(self) -> None:
         pipe = self._client.pipeline(transaction=False)
         for room, client_ids in self._listener.local_members().items():  # type: ignore[union-attr]
             for client_id in client_ids:
                 pipe.zrem(self._key(room, "members"), self._member(client_id))
-                pipe.publish(self._channel(room), f"{self.PAYLOAD_PRESENCE}-{self._member(client_id)}")
+                self._send(pipe, self._channel(room), f"{self.PAYLOAD_PRESENCE}-{self._member(client_id)}")
         await pipe.execute()
 
     def health(self) -> tuple[bool, str]:
@@ -2496,8 +2776,11 @@ class RedisBroker:
             return False, self._stalled
         if self._error is not None:
             return False, self._error
-        if not self._listening:
-            return False, "redis unreachable: reconnecting" if self._lost else "connecting to redis"
+        states = {subscriber.state for subscriber in self._subscribers.values()}
+        if SubscriberState.RECONNECTING in states:
+            return False, "redis unreachable: reconnecting"
+        if SubscriberState.CONNECTING in states or not states:
+            return False, "connecting to redis"
         return True, "ok"
 
     def _failed(self, exc: BaseException) -> BrokerUnavailable:
@@ -2509,21 +2792,36 @@ class RedisBroker:
 
     async def _call(self, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
         try:
-            result = await asyncio.wait_for(awaitable, timeout) if timeout else await awaitable
+            async with self._turn():
+                result = await asyncio.wait_for(awaitable, timeout) if timeout else await awaitable
         except (OSError, asyncio.TimeoutError, self._aioredis.RedisError) as exc:
             raise self._failed(exc) from None
         self._error = None
         return result
 
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """On a Cluster, wait for one of POOL_SIZE turns: redis-py's Cluster client has no
+        blocking pool, and past its connection limit it fails instead of waiting."""
+        if self._turns is None:
+            yield
+            return
+        await asyncio.wait_for(self._turns.acquire(), self.POOL_WAIT)
+        try:
+            yield
+        finally:
+            self._turns.release()
+
     async def _probe_health(self) -> None:
         """Every HEALTH_INTERVAL, ask Redis the time on a connection of its own (a full pool
-        must not look like a dead Redis): unanswered within HEALTH_TIMEOUT, Redis is stalled."""
+        must not look like a dead Redis): unanswered within HEALTH_TIMEOUT, Redis is stalled.
+        On a Cluster every master is asked: a room whose master is down is as bad as any."""
         client = self._new_client(pool_size=1)
         try:
             while True:
                 sent = time.time()
                 try:
-                    seconds, micros = await asyncio.wait_for(client.time(), self.HEALTH_TIMEOUT)
+                    seconds, micros = await asyncio.wait_for(self._redis_time(client), self.HEALTH_TIMEOUT)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -2538,17 +2836,25 @@ class RedisBroker:
                     self._stalled = None
                 await asyncio.sleep(self.HEALTH_INTERVAL)
         finally:
-            with contextlib.suppress(Exception):
-                await client.aclose()
-                await client.connection_pool.disconnect()
+            await self._close_client(client)
+
+    async def _redis_time(self, client: Any) -> tuple[int, int]:
+        if not self._sharded:
+            return await client.time()
+        answers = await client.time(target_nodes=client.PRIMARIES)
+        return next(iter(answers.values())) if isinstance(answers, dict) else answers
 
     # -- names ---------------------------------------------------------------
 
     def _key(self, room: str, *part: str) -> str:
-        return ":".join((self.ROOM_PREFIX + room, *part))
+        return ":".join((f"{self.PREFIX}{{{room}}}", *part))
 
     def _channel(self, room: str) -> str:
-        return self.ROOM_PREFIX + room
+        return self._key(room, "channel")
+
+    def _room_of(self, channel: str) -> str | None:
+        head = self.PREFIX + "{"
+        return channel[len(head):channel.index("}")] if channel.startswith(head) else None
 
     def _member(self, client_id: str) -> str:
         """A member entry in Redis: which process holds the client id."""
@@ -2564,6 +2870,13 @@ class RedisBroker:
         pipe.expire(self._key(room, "members"), int(self.presence_ttl * 2) + 1)
         pipe.zadd(self.ROOMS, {room: expiry})
 
+    def _send(self, target: Any, channel: str, payload: str) -> Any:
+        """PUBLISH, or SPUBLISH on a Cluster, on the client (awaitable) or a pipeline (queued).
+        SPUBLISH goes through a one-line EVAL, so the channel routes like a key of its room."""
+        if not self._sharded:
+            return target.publish(channel, payload)
+        return target.eval(self.SPUBLISH_SCRIPT, 1, channel, payload)
+
     # -- messages ------------------------------------------------------------
 
     MESSAGE_HEAD = '{"type":"message","id":'   # every stored frame starts so, then its id and a comma
@@ -2574,10 +2887,10 @@ class RedisBroker:
         head, tail = self.MESSAGE_HEAD, "," + encode(body)[1:]
         deadline_ms = int((time.time() + self._clock_offset + self.PUBLISH_DEADLINE) * 1000)
         receipt = self._key(room, "sent", secrets.token_hex(8))
-        message_id, epoch = await self._call(self._script(
-            keys=[self._key(room), self._key(room, "history"), receipt],
-            args=[secrets.token_hex(6), head, tail, self._history, self._channel(room), deadline_ms,
-                  self.RECEIPT_TTL]), timeout=self.PUBLISH_TIMEOUT)
+        message_id, epoch = await self._call(self._scripts["publish"](
+            keys=[self._key(room, "seq"), self._key(room, "history"), receipt, self._channel(room)],
+            args=[secrets.token_hex(6), head, tail, self._history, deadline_ms, self.RECEIPT_TTL,
+                  self._publish_command]), timeout=self.PUBLISH_TIMEOUT)
         if not message_id:
             raise self._failed(TimeoutError("redis ran the publish after its deadline; not stored"))
         message["id"] = int(message_id)
@@ -2585,49 +2898,41 @@ class RedisBroker:
 
     async def direct(self, room: str | None, message: dict) -> None:
         channel = self._channel(room) if room else self.NODES_CHANNEL
-        await self._call(self._client.publish(channel, self.PAYLOAD_DIRECT + encode(message)))
+        await self._call(self._send(self._client, channel, self.PAYLOAD_DIRECT + encode(message)))
 
     async def kick(self, client_id: str, room: str | None, code: int, reason: str) -> None:
         order = {"node": self._node, "client_id": client_id, "room": room, "code": code, "reason": reason}
-        await self._call(self._client.publish(self.NODES_CHANNEL, self.PAYLOAD_KICK + encode(order)))
+        await self._call(self._send(self._client, self.NODES_CHANNEL, self.PAYLOAD_KICK + encode(order)))
 
     async def page(self, room: str, before: int, limit: int) -> list[dict]:
         frames = await self._call(self._client.lrange(self._key(room, "history"), 0, -1))
         return [message for message in map(json.loads, frames) if message["id"] < before][-limit:]
 
     async def delete(self, room: str, message_id: int) -> bool:
-        deleted = await self._call(self._delete_script(
-            keys=[self._key(room, "history")],
-            args=[f"{self.MESSAGE_HEAD}{message_id},", self._channel(room), message_id]))
+        deleted = await self._call(self._scripts["delete"](
+            keys=[self._key(room, "history"), self._channel(room)],
+            args=[f"{self.MESSAGE_HEAD}{message_id},", message_id, self._publish_command]))
         return bool(deleted)
 
     async def history(self, room: str) -> tuple[str, int, list[tuple[int, str]]]:
-        pipe = self._client.pipeline(transaction=True)
-        if room in self._subscribed:        # a joining client: fix the epoch it will resume from
-            pipe.hsetnx(self._key(room), "epoch", secrets.token_hex(6))
-        pipe.hmget(self._key(room), "epoch", "id")
-        pipe.lrange(self._key(room, "history"), 0, -1)
-        *_, (epoch, last_id), frames = await self._call(pipe.execute())
+        # A joining client (we are subscribed) fixes the epoch it will resume from.
+        new_epoch = secrets.token_hex(6) if room in self._subscribed else ""
+        epoch, last_id, frames = await self._call(self._scripts["history"](
+            keys=[self._key(room, "seq"), self._key(room, "history")], args=[new_epoch]))
         start = len(self.MESSAGE_HEAD)   # a frame starts with the head, its id, and a comma
         return epoch or "", int(last_id or 0), [(int(frame[start:frame.index(",", start)]), frame) for frame in frames]
 
-    # -- subscriptions and the listener ---------------------------------------
+    # -- subscriptions ---------------------------------------------------------
 
     async def subscribe(self, room: str) -> None:
         async with self._subscription_lock:  # type: ignore[union-attr]
             if room in self._subscribed:
                 return
-            if self._pubsub is None:
-                raise BrokerUnavailable(self.health()[1])
-            channel = self._channel(room)
-            confirmed = self._confirmations[channel] = asyncio.get_running_loop().create_future()
             self._view[room] = {}
             try:
-                await self._call(self._pubsub.subscribe(channel))
-                await self._call(asyncio.wait_for(asyncio.shield(confirmed), 5))
+                await self._subscriber_for(self._channel(room)).add(self._channel(room))
                 self._subscribed.add(room)
             finally:
-                self._confirmations.pop(channel, None)
                 if room not in self._subscribed:
                     self._view.pop(room, None)
         await self._load_members(room)
@@ -2641,72 +2946,87 @@ class RedisBroker:
                 return   # never subscribed, or somebody came back meanwhile
             self._subscribed.discard(room)
             self._view.pop(room, None)
-            if self._pubsub is not None:
-                with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(self._channel(room))
+            channel = self._channel(room)
+            for subscriber in list(self._subscribers.values()):
+                if channel in subscriber.channels:
+                    await subscriber.remove(channel)
 
     def _spawn(self, job: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(job)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _listen(self) -> None:
-        """Hold the pub/sub connection: reconnect with backoff, resubscribe, resync rooms."""
-        backoff = 0.1
-        while True:
-            pubsub = self._client.pubsub()
-            try:
-                await pubsub.subscribe(self.NODES_CHANNEL, *(self._channel(room) for room in self._subscribed))
-                self._pubsub = pubsub
-                while True:
-                    # A bounded wait: a blocking read would trip the socket timeout when idle.
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if message["channel"] == self.NODES_CHANNEL and message["type"] == "subscribe":
-                        self._connected()
-                        backoff = 0.1
-                    try:
-                        self._dispatch(message)
-                    except Exception:   # one bad message must not cost every room a resync
-                        logger.exception("could not handle a message on %s", message.get("channel"))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._failed(exc)
-                self._first_attempt.set()
-                self._lost = self._lost or self._listening
-                self._listening = False
-            finally:
-                self._pubsub = None
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    def _owner(self, channel: str) -> tuple[str, Any]:
+        """Which subscriber should hold ``channel``: its name, and the client it connects with."""
+        if not self._sharded:
+            return "redis", self._pubsub_client
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(self._client.keyslot(channel))
+        except Exception:   # slots not known yet (the cluster was unreachable), or uncovered
+            return "unrouted", None
+        return node.name, (node.host, node.port)
 
-    def _connected(self) -> None:
-        self._listening = True
+    def _subscriber_for(self, channel: str) -> _RedisSubscriber:
+        name, client = self._owner(channel)
+        subscriber = self._subscribers.get(name)
+        if subscriber is None or subscriber.state is SubscriberState.CLOSED:
+            if self._sharded and client is not None:
+                client = self._node_client(*client)
+            subscriber = self._subscribers[name] = _RedisSubscriber(self, name, client, sharded=self._sharded)
+        return subscriber
+
+    async def _reroute(self, subscriber: _RedisSubscriber) -> None:
+        """Before a Cluster subscriber (re)connects: hand the channels whose slots another
+        master owns now (a failover, a migration) to that master's subscriber."""
+        if not self._sharded or not subscriber.channels:
+            return
+        if subscriber.state is not SubscriberState.CONNECTING or subscriber.name == "unrouted":
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.nodes_manager.initialize(), 3)
+        for channel in list(subscriber.channels):
+            if self._owner(channel)[0] != subscriber.name:
+                was_stale = channel in subscriber.stale or subscriber.state is not SubscriberState.CONNECTING
+                subscriber.channels.discard(channel)
+                subscriber.stale.discard(channel)
+                target = self._subscriber_for(channel)
+                if was_stale:
+                    target.adopt(channel)
+                else:
+                    target.channels.add(channel)
+
+    def _moved(self, channel: str) -> None:
+        """Redis dropped a shard channel (its slot moved): subscribe it where it lives now."""
+        self._spawn(self._rehome(channel))
+
+    async def _rehome(self, channel: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.nodes_manager.initialize(), 3)
+        room = self._room_of(channel)
+        if channel == self.NODES_CHANNEL or (room is not None and room in self._subscribed):
+            self._subscriber_for(channel).adopt(channel)
+
+    def _subscriber_up(self, subscriber: _RedisSubscriber, recovered: bool) -> None:
         self._error = None
-        self._first_attempt.set()
-        if self._lost:
-            # Messages published while we were away never reached us: clients resume with since.
-            self._lost = False
-            logger.warning("redis broker %s reachable again", mask_url(self.url))
-            for room in list(self._subscribed):
-                self._listener.resync(room)  # type: ignore[union-attr]
+        self._first_attempt.set()  # type: ignore[union-attr]
+        if recovered:
+            logger.warning("redis broker %s reachable again (%s)", mask_url(self.url), subscriber.name)
             self._spawn(self._refresh_presence())
 
-    def _dispatch(self, message: dict) -> None:
-        kind, channel = message["type"], message["channel"]
-        if kind == "subscribe":
-            confirmed = self._confirmations.get(channel)
-            if confirmed is not None and not confirmed.done():
-                confirmed.set_result(None)
-            return
-        if kind != "message":
-            return
-        data = message["data"]
-        room = channel[len(self.ROOM_PREFIX):] if channel.startswith(self.ROOM_PREFIX) else None
+    def _subscriber_failed(self, subscriber: _RedisSubscriber) -> None:
+        self._first_attempt.set()  # type: ignore[union-attr]
+
+    def _subscriber_closed(self, subscriber: _RedisSubscriber) -> None:
+        if self._subscribers.get(subscriber.name) is subscriber:
+            del self._subscribers[subscriber.name]
+
+    def _resync(self, channel: str) -> None:
+        """Messages on ``channel`` may have been missed: its room's clients resume with since."""
+        room = self._room_of(channel)
+        if room is not None and room in self._subscribed:
+            self._listener.resync(room)  # type: ignore[union-attr]
+
+    def _dispatch(self, channel: str, data: str) -> None:
+        room = self._room_of(channel)
         tag, body = data[:1], data[1:]
         if tag == self.PAYLOAD_MESSAGE and room is not None:
             epoch, _, frame = body.partition(" ")
@@ -2772,10 +3092,10 @@ class RedisBroker:
         for action, room, client_id in batch:
             if action == "join":
                 self._renew(pipe, room, [client_id], expiry)
-                pipe.publish(self._channel(room), f"{self.PAYLOAD_PRESENCE}+{self._member(client_id)}")
+                self._send(pipe, self._channel(room), f"{self.PAYLOAD_PRESENCE}+{self._member(client_id)}")
             else:
                 pipe.zrem(self._key(room, "members"), self._member(client_id))
-                pipe.publish(self._channel(room), f"{self.PAYLOAD_PRESENCE}-{self._member(client_id)}")
+                self._send(pipe, self._channel(room), f"{self.PAYLOAD_PRESENCE}-{self._member(client_id)}")
         await self._call(pipe.execute())
 
     async def _heartbeat(self) -> None:
