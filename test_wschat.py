@@ -5219,6 +5219,37 @@ def test_redis_unreachable_at_start_exits_with_one_masked_line():
     assert f"redis://user:***@127.0.0.1:{port}/0" in lines[0]
 
 
+@pytest.mark.parametrize("url, expected", [
+    ("redis+sentinel://127.0.0.1:{port}/0", "redis+sentinel://[:password@]host:port[,host:port...]/DB/SERVICE"),
+    ("redis+cluster://127.0.0.1:x/", "redis+cluster://[:password@]host:port[,host:port...]/"),
+    ("redis+sentinel://:secretpw@127.0.0.1:{port},127.0.0.1:{port}/0/mymaster",
+     "cannot reach broker redis+sentinel://:***@127.0.0.1:{port},127.0.0.1:{port}/0/mymaster: No master found"),
+    ("redis+cluster://:secretpw@127.0.0.1:{port}/", "cannot reach broker redis+cluster://:***@127.0.0.1:{port}/"),
+])
+def test_sentinel_and_cluster_urls_misspelt_or_unreachable_exit_with_one_line(url, expected):
+    """A malformed Sentinel/Cluster URL names the form it should have; an unreachable one says so,
+    password masked, in one line, within seconds."""
+    port = free_port()
+    result = subprocess.run([sys.executable, str(HERE / "wschat.py"), "serve", "--port", str(free_port()),
+                             "--broker", url.format(port=port)], capture_output=True, text=True, timeout=20, cwd=HERE)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and len(output.splitlines()) == 1, output
+    assert expected.format(port=port) in output and "secretpw" not in output
+
+
+def test_redis_address_reads_the_three_shapes():
+    """Hosts, ports (defaults 26379 for sentinels, 6379 for cluster nodes), db, service, password, presence_ttl."""
+    sentinel = wschat.RedisAddress.parse("redis+sentinel://:p%40ss@a:26380,[::1],b/2/my%20master?presence_ttl=4")
+    assert (sentinel.shape, sentinel.hosts) == (wschat.RedisShape.SENTINEL, (("a", 26380), ("::1", 26379), ("b", 26379)))
+    assert (sentinel.db, sentinel.service, sentinel.password, sentinel.presence_ttl) == (2, "my master", "p@ss", 4.0)
+    cluster = wschat.RedisAddress.parse("redis+cluster://u:pw@n1:7000,n2/")
+    assert (cluster.shape, cluster.hosts, cluster.username, cluster.password) == (
+        wschat.RedisShape.CLUSTER, (("n1", 7000), ("n2", 6379)), "u", "pw")
+    single = wschat.RedisAddress.parse("redis://h:1/3?presence_ttl=2")
+    assert (single.shape, single.url, single.presence_ttl) == (wschat.RedisShape.SINGLE, "redis://h:1/3", 2.0)
+    assert wschat.mask_url("redis+sentinel://u:pw@a:1,b:2/0/m") == "redis+sentinel://u:***@a:1,b:2/0/m"
+
+
 # ---- Scale-out: several workers in one server ----
 
 async def _join_retrying(url: str, attempts: int = 20) -> tuple[Client, dict]:

@@ -186,7 +186,7 @@ class Settings:
         _require(self.presence_interval > 0, "presence_interval", self.presence_interval, "more than 0 seconds")
         _require(self.log_level.lower() in LOG_LEVELS, "log_level", self.log_level, f"one of {LOG_LEVELS}")
         _require(urlsplit(self.broker).scheme in BROKER_SCHEMES, "broker", mask_url(self.broker),
-                 "memory://, sqlite:///path or redis://host:port/db")
+                 "memory://, sqlite:///path, redis://host:port/db, redis+sentinel://... or redis+cluster://...")
         _require(all(t and t.strip() == t for t in self.tokens), "tokens", "<hidden>",
                  "non-empty, without surrounding spaces")
         _require(all(o == "*" or urlsplit(o).netloc for o in self.allowed_origins), "allowed_origins",
@@ -1773,7 +1773,8 @@ class Broker(Protocol):
 
 
 def broker_from_url(url: str, *, history: int = 100, max_rooms: int = 10_000, retain: int = 10_000) -> Broker:
-    """``memory://``, ``sqlite:///path`` or ``redis://host:port/db``; Redis is imported only when asked for."""
+    """``memory://``, ``sqlite:///path``, or Redis (``redis://``, ``redis+sentinel://``,
+    ``redis+cluster://``: see RedisAddress); Redis is imported only when asked for."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return MemoryBroker(history=history, max_rooms=max_rooms)
@@ -2688,7 +2689,8 @@ class RedisBroker:
         credentials = dict(username=address.username, password=address.password)
         if address.shape is RedisShape.SENTINEL:
             from redis.asyncio.sentinel import Sentinel
-            sentinels = Sentinel(list(address.hosts), sentinel_kwargs=dict(socket_connect_timeout=2, socket_timeout=2))
+            sentinels = Sentinel(list(address.hosts), sentinel_kwargs=dict(
+                socket_connect_timeout=2, socket_timeout=2, retry=Retry(NoBackoff(), 0)))
             return sentinels.master_for(address.service, connection_pool_class=_blocking_sentinel_pool(),
                                         max_connections=size, timeout=self.POOL_WAIT, db=address.db,
                                         **credentials, **options)
@@ -2779,7 +2781,7 @@ class RedisBroker:
         states = {subscriber.state for subscriber in self._subscribers.values()}
         if SubscriberState.RECONNECTING in states:
             return False, "redis unreachable: reconnecting"
-        if SubscriberState.CONNECTING in states or not states:
+        if SubscriberState.LISTENING not in states:   # starting; a Cluster master's new subscriber does not count
             return False, "connecting to redis"
         return True, "ok"
 
@@ -3208,6 +3210,8 @@ def _split_presence_ttl(url: str) -> tuple[str, float | None]:
 
 def _describe_error(exc: BaseException) -> str:
     text = str(exc) or exc.__class__.__name__
+    if exc.__class__.__name__ == "MasterNotFoundError":   # redis-py appends the reprs of every sentinel client
+        text = text.partition(" : ")[0] + " (no sentinel answered, or none watches that service)"
     return redact(text.splitlines()[0])[:200]
 
 
@@ -5185,8 +5189,9 @@ def main() -> None:
 @_option("--timeout", env="TIMEOUT", default=300.0, type=float,
          help="Close a connection silent this many seconds (1000 'Session timeout'); 0 disables.")
 @_option("--broker", env="BROKER", default="memory://",
-         help="memory:// (one process), sqlite:///chat.db (one process, history kept on disk) or "
-              "redis://host:port/db (needs wschat[redis]).")
+         help="memory:// (one process), sqlite:///chat.db (one process, history kept on disk), "
+              "redis://host:port/db, redis+sentinel://host:port,.../DB/SERVICE or "
+              "redis+cluster://host:port,.../ (Redis needs wschat[redis]).")
 @_option("--token", "tokens", env="TOKENS", multiple=True, callback=_split_commas,
          help="Require this token on WebSockets and POST (repeatable; env: comma-separated). "
               "None: open demo mode.")
