@@ -2365,11 +2365,13 @@ class RedisAddress:
 
 
 def _host_and_port(item: str, default_port: int) -> tuple[str, int] | None:
-    """``host:port``, ``host`` or ``[::1]:port``; None when the port is not a port."""
-    host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
-    if not colon or "]" in port:
-        host, port = item, str(default_port)
-    host = host.strip("[]")
+    """``host:port``, ``host``, ``[::1]:port`` or ``[::1]``; None when the port is not a port."""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("" if rest else str(default_port))
+    else:
+        host, colon, port = item.partition(":")
+        port = port if colon else str(default_port)
     return (host, int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None
 
 
