@@ -5336,21 +5336,61 @@ async def resume(server: ServerProcess, room: str, client_id: str, welcome: dict
     return await join(room_url(server, room, client_id, since=last_id, epoch=welcome["epoch"]))
 
 
+class SteadyPublisher:
+    """POSTs to a room every 20 ms until stopped: which posts were acknowledged (their ids,
+    in order) and how many were refused (503: the broker is down). Any other answer fails."""
+
+    def __init__(self, server: ServerProcess, room: str) -> None:
+        self.url = f"{server.url}/rooms/{room}/messages"
+        self.acknowledged: list[int] = []
+        self.refused = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            status, stored = await ahttp("POST", self.url, {"text": f"m{n}"})
+            if status == 201:
+                self.acknowledged.append(stored["id"])
+            else:
+                assert status == 503, (status, stored)
+                self.refused += 1
+            n += 1
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+
+
+def check_failover_kept(publisher: SteadyPublisher, replicated: list[int], stored: list[int]) -> None:
+    """What a failover may and may not do to a room's messages: everything acknowledged and
+    replicated before it is stored, once; ids stay strictly increasing; posts were refused
+    while there was no master, and acknowledged again after."""
+    assert publisher.refused > 0 and len(publisher.acknowledged) > len(replicated)
+    assert publisher.acknowledged == sorted(set(publisher.acknowledged))
+    assert stored == sorted(set(stored)) and set(replicated) <= set(stored)
+
+
 def test_sentinel_failover_is_followed_without_restart(serve, own_sentinel_set):
     """SIGKILL the master under two processes: publishers get error frames, /healthz 503, room
     clients 1012; once a sentinel promotes the replica, clients resume with since on the same
     processes, every replicated message kept, and the sequence goes on."""
     servers = own_sentinel_set
-    a, b = redis_node(serve, servers), redis_node(serve, servers)
+    a, b = redis_node(serve, servers, "--rate", "0"), redis_node(serve, servers, "--rate", "0")
 
     async def body() -> None:
         alice, welcome = await join(room_url(a, "r", "alice"))
         bob, _ = await join(room_url(b, "r", "bob"))
+        publisher = SteadyPublisher(b, "feed")   # traffic on another room throughout
         for n in range(5):
             await alice.send(f"before {n}")
         assert ids_of(await bob.messages(5)) == ids_of(await alice.messages(5)) == [1, 2, 3, 4, 5]
+        await wait_for_condition(lambda: len(publisher.acknowledged) >= 20, 10)
         old_master = servers.current_master()
-        assert redis_command(old_master, "WAIT", 1, 5000) == 1   # all five are on the replica
+        assert redis_command(old_master, "WAIT", 1, 5000) == 1   # all so far are on the replica
+        replicated = list(publisher.acknowledged)
         servers.master.kill()
         await alice.send("while there is no master")
         error = await alice.recv_until(lambda f: f["type"] in ("error", "message"), 10)
@@ -5372,6 +5412,10 @@ def test_sentinel_failover_is_followed_without_restart(serve, own_sentinel_set):
             assert [(m["id"], m["text"]) for m in await member.messages(1)] == [(6, "after")]
         status, page = await ahttp("GET", b.url + "/rooms/r/messages")
         assert [m["text"] for m in page["messages"]] == [f"before {n}" for n in range(5)] + ["after"]
+        await wait_for_condition(lambda: len(publisher.acknowledged) >= len(replicated) + 10, 20)
+        await publisher.stop()
+        status, page = await ahttp("GET", a.url + "/rooms/feed/messages?since=0&limit=1000")
+        check_failover_kept(publisher, replicated, ids_of(page["messages"]))
         await alice.close()
         await bob.close()
 
@@ -5483,44 +5527,24 @@ def test_cluster_killed_master_during_traffic_fails_over_and_nothing_replicated_
     async def body() -> None:
         alice, welcome = await join(room_url(a, room, "alice"))
         bob, _ = await join(room_url(b, room, "bob"))
-        acknowledged: list[int] = []
-        refused = 0
-        stop = asyncio.Event()
-
-        async def publish() -> None:
-            nonlocal refused
-            n = 0
-            while not stop.is_set():
-                status, stored = await ahttp("POST", f"{a.url}/rooms/{room}/messages", {"text": f"m{n}"})
-                if status == 201:
-                    acknowledged.append(stored["id"])
-                else:
-                    assert status == 503, (status, stored)
-                    refused += 1
-                n += 1
-                await asyncio.sleep(0.02)
-
-        publisher = asyncio.ensure_future(publish())
-        await wait_for_condition(lambda: len(acknowledged) >= 20, 10)
+        publisher = SteadyPublisher(a, room)
+        await wait_for_condition(lambda: len(publisher.acknowledged) >= 20, 10)
         assert redis_command(owner, "WAIT", 1, 5000) == 1
-        replicated = list(acknowledged)
+        replicated = list(publisher.acknowledged)
         victim.kill()
         seen_by_bob = await bob.messages(len(replicated), 10)
         assert ids_of(seen_by_bob) == replicated == list(range(1, len(replicated) + 1))
         for member in (alice, bob):
             assert (await member.closed(30))[0] == 1012
         await wait_for_condition(lambda: _health(a, 200), 30)
-        await wait_for_condition(lambda: len(acknowledged) >= len(replicated) + 10, 20)   # posting again
-        stop.set()
-        await publisher
-        assert refused > 0 and acknowledged == sorted(set(acknowledged))
+        await wait_for_condition(lambda: len(publisher.acknowledged) >= len(replicated) + 10, 20)   # posting again
+        await publisher.stop()
+        assert own_cluster.owner(f"wschat:{{{room}}}:seq") != owner   # the replica owns the slot now
 
         alice, again = await resume(a, room, "alice", welcome, replicated[-1])
-        assert again["recovered"] is True and again["last_id"] >= acknowledged[-1]
+        assert again["recovered"] is True and again["last_id"] >= publisher.acknowledged[-1]
         status, page = await ahttp("GET", f"{b.url}/rooms/{room}/messages?since=0&limit=1000")
-        stored = ids_of(page["messages"])
-        assert stored == sorted(set(stored)) and set(replicated) <= set(stored)
-        assert set(acknowledged) - set(stored) == set() or max(set(acknowledged) - set(stored)) > replicated[-1]
+        check_failover_kept(publisher, replicated, ids_of(page["messages"]))
         await alice.close()
 
     run(body(), 120)
