@@ -1343,15 +1343,19 @@ int main(int argc, char **argv)
     /* Connection order = join order.  The publisher joins first; slow
        clients are spread evenly among the subscribers so that neither
        "all first" nor "all last" in a server's member list is favoured. */
-    int k = 0;
-    if (has_pub) conns[k++].kind = K_PUB;
-    int nslow = mode_slow ? cfg.slow : 0, slow_done = 0;
-    for (int i = 0; i < cfg.subs; i++) {
-        if (nslow && slow_done < nslow && i == (slow_done * cfg.subs) / nslow + cfg.subs / (2 * nslow))
-            conns[k++].kind = K_SLOW, slow_done++;
-        conns[k++].kind = K_SUB;
+    /* (rooms and storm modes lay their connections out themselves, below and in
+       storm_init; --subs means nothing there and may exceed nconns) */
+    if (!mode_rooms && !mode_storm) {
+        int k = 0;
+        if (has_pub) conns[k++].kind = K_PUB;
+        int nslow = mode_slow ? cfg.slow : 0, slow_done = 0;
+        for (int i = 0; i < cfg.subs; i++) {
+            if (nslow && slow_done < nslow && i == (slow_done * cfg.subs) / nslow + cfg.subs / (2 * nslow))
+                conns[k++].kind = K_SLOW, slow_done++;
+            conns[k++].kind = K_SUB;
+        }
+        while (slow_done < nslow) conns[k++].kind = K_SLOW, slow_done++;
     }
-    while (slow_done < nslow) conns[k++].kind = K_SLOW, slow_done++;
     for (int i = 0; i < nconns; i++) { conns[i].fd = -1; conns[i].close_code = -1; }
     if (mode_rooms) {
         /* rooms fill up one after the other: room i / members, member i % members */
