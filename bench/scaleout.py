@@ -67,11 +67,11 @@ def wait_for(check, message: str, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def start_topology(kind: str, logdir: Path) -> tuple[list[subprocess.Popen], str]:
-    """The Redis side: its processes and the broker URL wschat gets."""
+def start_topology(kind: str, logdir: Path) -> tuple[list[subprocess.Popen], list[int], str]:
+    """The Redis side: its processes, their ports and the broker URL wschat gets."""
     if kind == "one Redis":
         proc, port = start_redis(logdir, "redis")
-        return [proc], f"redis://127.0.0.1:{port}/0"
+        return [proc], [port], f"redis://127.0.0.1:{port}/0"
     nodes = [start_redis(logdir, f"cluster-{n}", "--cluster-enabled", "yes", "--cluster-port",
                          str(bench.free_port()), "--cluster-config-file", str(logdir / f"cluster-{n}" / "nodes.conf"))
              for n in range(3)]
@@ -79,11 +79,8 @@ def start_topology(kind: str, logdir: Path) -> tuple[list[subprocess.Popen], str
                     "--cluster-replicas", "0", "--cluster-yes"], check=True, timeout=60, capture_output=True)
     wait_for(lambda: all("cluster_state:ok" in redis_cli(port, "CLUSTER", "INFO") for _, port in nodes),
              "the cluster did not become ok")
-    return [proc for proc, _ in nodes], "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for _, port in nodes) + "/"
-
-
-def redis_ports(url: str) -> list[int]:
-    return [int(hostport.rsplit(":", 1)[1]) for hostport in url.split("//", 1)[1].split("/", 1)[0].split(",")]
+    ports = [port for _, port in nodes]
+    return [proc for proc, _ in nodes], ports, "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports) + "/"
 
 
 def script_time(ports: list[int]) -> tuple[int, float]:
@@ -99,7 +96,7 @@ def script_time(ports: list[int]) -> tuple[int, float]:
 
 def measure(kind: str, args: argparse.Namespace, logdir: Path) -> dict:
     bench.log(f"{kind}: starting")
-    redis_procs, url = start_topology(kind, logdir)
+    redis_procs, ports, url = start_topology(kind, logdir)
     servers, loadgens = [], []
     try:
         idle = {p.pid: bench.proc_ticks(p.pid) for p in redis_procs}   # Redis's own housekeeping, at rest
@@ -134,11 +131,11 @@ def measure(kind: str, args: argparse.Namespace, logdir: Path) -> dict:
         time.sleep(args.warmup + 1)
         pids = {"redis": [p.pid for p in redis_procs], "wschat": [p.pid for p, _ in servers]}
         before = {pid: bench.proc_ticks(pid) for group in pids.values() for pid in group}
-        scripts_before = script_time(redis_ports(url))
+        scripts_before = script_time(ports)
         t0 = time.monotonic()
         time.sleep(max(1.0, args.duration - 2))
         seconds = time.monotonic() - t0
-        scripts_after = script_time(redis_ports(url))
+        scripts_after = script_time(ports)
         used = {pid: (bench.proc_ticks(pid) - ticks) / bench.CLK_TCK * 1e6 / seconds for pid, ticks in before.items()}
         reports = [json.loads(bench.Lines(lg, logfile).next(args.duration + 60)) for lg, logfile in loadgens]
     finally:
