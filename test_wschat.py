@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 from urllib.parse import quote
 
 import httpx
@@ -307,29 +307,25 @@ class RedisProcess:
                 self.process.wait(5)
 
 
-def redis_binary() -> str:
-    """redis-server and the redis package, or a skip (a failure with WSCHAT_REQUIRE_REDIS=1)."""
-    binary = shutil.which("redis-server")
+def redis_program(name: str) -> str:
+    """A Redis program on the PATH (redis-server, redis-cli), or a skip (a failure with WSCHAT_REQUIRE_REDIS=1)."""
+    binary = shutil.which(name)
     if binary is None:
         if REQUIRE_REDIS:
-            pytest.fail("redis-server is required (WSCHAT_REQUIRE_REDIS=1) but not installed")
-        pytest.skip("redis-server not installed")
+            pytest.fail(f"{name} is required (WSCHAT_REQUIRE_REDIS=1) but not installed")
+        pytest.skip(f"{name} not installed")
+    return binary
+
+
+def redis_binary() -> str:
+    """redis-server and the redis package, or a skip (a failure with WSCHAT_REQUIRE_REDIS=1)."""
+    binary = redis_program("redis-server")
     try:
         import redis  # noqa: F401
     except ImportError:
         if REQUIRE_REDIS:
             pytest.fail("the redis package is required (WSCHAT_REQUIRE_REDIS=1): pip install -e '.[test,redis]'")
         pytest.skip("the redis package is not installed")
-    return binary
-
-
-def redis_cli_binary() -> str:
-    """redis-cli, which creates the test Cluster; a skip without it (a failure with WSCHAT_REQUIRE_REDIS=1)."""
-    binary = shutil.which("redis-cli")
-    if binary is None:
-        if REQUIRE_REDIS:
-            pytest.fail("redis-cli is required (WSCHAT_REQUIRE_REDIS=1) but not installed")
-        pytest.skip("redis-cli not installed")
     return binary
 
 
@@ -412,7 +408,7 @@ class RedisCluster:
     def start(self) -> None:
         for node in self.nodes:
             node.start()
-        subprocess.run([redis_cli_binary(), "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+        subprocess.run([redis_program("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
                         "--cluster-replicas", "1", "--cluster-yes"], check=True, timeout=60,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_ok()
@@ -452,9 +448,10 @@ class RedisCluster:
             node.stop()
 
 
-@pytest.fixture(scope="session")
-def sentinel_set(tmp_path_factory: pytest.TempPathFactory):
-    servers = SentinelSet(redis_binary(), tmp_path_factory.mktemp("sentinel"))
+@contextlib.contextmanager
+def running(kind: type, directory: pathlib.Path) -> Iterator[Any]:
+    """A SentinelSet or RedisCluster in ``directory``, started, and stopped (by PID) afterwards."""
+    servers = kind(redis_binary(), directory)
     try:
         servers.start()
         yield servers
@@ -463,13 +460,29 @@ def sentinel_set(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def sentinel_set(tmp_path_factory: pytest.TempPathFactory):
+    with running(SentinelSet, tmp_path_factory.mktemp("sentinel")) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
-    cluster = RedisCluster(redis_binary(), tmp_path_factory.mktemp("cluster"))
-    try:
-        cluster.start()
+    with running(RedisCluster, tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
+
+
+@pytest.fixture
+def own_sentinel_set(tmp_path: pathlib.Path):
+    """A Sentinel set of this test's own, for a test that kills its master."""
+    with running(SentinelSet, tmp_path / "sentinel-set") as servers:
+        yield servers
+
+
+@pytest.fixture
+def own_cluster(tmp_path: pathlib.Path):
+    """A Cluster of this test's own, for a test that kills a master or moves slots."""
+    with running(RedisCluster, tmp_path / "cluster") as cluster:
+        yield cluster
 
 
 @pytest.fixture(params=["single", "sentinel", "cluster"])
@@ -5309,28 +5322,6 @@ def test_cli_workers_with_memory_broker_is_refused():
 
 
 # ---- Beyond one Redis: Sentinel and Cluster ----
-
-@pytest.fixture
-def own_sentinel_set(tmp_path: pathlib.Path):
-    """A Sentinel set of this test's own, for a test that kills its master."""
-    servers = SentinelSet(redis_binary(), tmp_path / "sentinel-set")
-    try:
-        servers.start()
-        yield servers
-    finally:
-        servers.stop()
-
-
-@pytest.fixture
-def own_cluster(tmp_path: pathlib.Path):
-    """A Cluster of this test's own, for a test that kills a master or moves slots."""
-    cluster = RedisCluster(redis_binary(), tmp_path / "cluster")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
 
 async def resume(server: ServerProcess, room: str, client_id: str, welcome: dict, last_id: int) -> tuple[Client, dict]:
     return await join(room_url(server, room, client_id, since=last_id, epoch=welcome["epoch"]))
